@@ -1,0 +1,38 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv when it is missing.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+CONFIG ?= configs/tiny.yaml
+STAMP := $(VENV)/.installed
+export DS_ACCELERATOR ?= cpu
+export NO_ALBUMENTATIONS_UPDATE := 1
+export RAY_AUTH_MODE ?= disabled
+
+.PHONY: setup demo test lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
+	# The CPU wheel of torch first: a looser requirement would pull a multi-GB CUDA build.
+	$(PY) -m pip install -q torch==2.13.0
+	# youtokentome 1.0.6 only builds with Cython already installed and without build isolation.
+	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
+	$(PY) -m pip install -q -e '.[dev]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(PY) jobs/demo.py --config $(CONFIG)
+
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
+	$(VENV)/bin/pytest
+
+bench: setup
+	bash ../shared/peer/install-peer.sh $(PY)
+	$(PY) benchmarks/bench_model.py --out benchmarks/results/bench_model.json
+
+clean:
+	rm -rf $(VENV) outputs

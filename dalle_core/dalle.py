@@ -1,0 +1,441 @@
+"""The DALL-E transformer: one causal stream of ``<bos>`` + text + image tokens, and its sampler.
+
+Read top to bottom: position tables (attention patterns, token shift, rotary), the block, the model,
+then generation. Sequence layout for a ``text_seq_len`` T and ``image_seq_len`` I::
+
+    position   0      1 .. T        T+1 .. T+I-1
+    token      <bos>  text (padded)  image codes 0 .. I-2     (the last image code is only ever a label)
+
+Position ``p`` predicts token ``p + 1``: positions ``< T`` predict text, positions ``>= T`` predict image codes.
+Every padded text slot gets its own pad id (``num_text_tokens + slot``) so the model can tell where a short
+caption ended. Each attention pattern is a boolean matrix over the whole sequence, handed to PyTorch's
+``scaled_dot_product_attention``; cached generation slices the same rows, so cached and uncached sampling
+compute the same thing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_core.config import DALLEConfig
+
+# ----------------------------------------------------------------------------------------------------------
+# Position tables
+
+
+def attention_mask(kind: str, text_len: int, fmap: int, kernel_size: int = 5) -> Tensor:
+    """Boolean ``[seq, seq]`` matrix, True where query ``i`` may attend key ``j``.
+
+    ``text_len`` counts ``<bos>`` + text. Text queries always attend causally over text. Image queries
+    attend all text plus, among earlier image tokens: everything (``full``), the same grid row
+    (``axial_row``), the same grid column (``axial_col``) or a ``kernel_size`` window (``conv_like``).
+    Image token ``k`` sits at position ``text_len + k`` on grid cell ``(k // fmap, k % fmap)``.
+    """
+    seq = text_len + fmap * fmap - 1
+    pos = torch.arange(seq)
+    causal = pos[:, None] >= pos[None, :]
+    if kind == "full":
+        return causal
+    img = (pos - text_len).clamp(min=0)
+    row, col = img // fmap, img % fmap
+    if kind == "axial_row":
+        near = row[:, None] == row[None, :]
+    elif kind == "axial_col":
+        near = col[:, None] == col[None, :]
+    elif kind == "conv_like":
+        half = kernel_size // 2
+        near = ((row[:, None] - row[None, :]).abs() <= half) & ((col[:, None] - col[None, :]).abs() <= half)
+    else:
+        raise ValueError(f"unknown attention pattern {kind!r}")
+    key_is_text = pos[None, :] < text_len
+    query_is_text = pos[:, None] < text_len
+    return causal & (key_is_text | query_is_text | near)
+
+
+def shift_offsets(text_len: int, fmap: int) -> Tensor:
+    """``[2, seq]`` look-back distances for token shift (0 = take nothing).
+
+    Text tokens take the first half of their features from the previous token. Image tokens take the first
+    quarter from the token above and the second quarter from the token to the left (none across a row edge).
+    """
+    seq = text_len + fmap * fmap - 1
+    pos = torch.arange(seq)
+    img = pos - text_len
+    is_text = img < 0
+    above = torch.where(img >= fmap, fmap, 0)
+    left = torch.where((img >= 0) & (img % fmap != 0), 1, 0)
+    prev = torch.where(pos >= 1, 1, 0)
+    return torch.stack([torch.where(is_text, prev, above), torch.where(is_text, prev, left)])
+
+
+def rotary_angles(text_len: int, fmap: int, dim_head: int) -> Tensor:
+    """``[seq, dim_head // 2]`` rotation angles: half the pairs rotate with the sequence position, a quarter
+    with the image row and a quarter with the image column (zero for text), so image tokens know their 2D
+    neighbourhood without a learned table."""
+    seq = text_len + fmap * fmap - 1
+    pos = torch.arange(seq, dtype=torch.float64)
+    img = (pos - text_len).clamp(min=-1)
+    row = torch.where(img >= 0, torch.div(img, fmap, rounding_mode="floor") + 1, 0)
+    col = torch.where(img >= 0, img % fmap + 1, 0)
+
+    def freqs(n: int) -> Tensor:
+        return 1.0 / (10000 ** (torch.arange(n, dtype=torch.float64) / n))
+
+    quarter, eighth = dim_head // 4, dim_head // 8
+    angles = torch.cat(
+        [pos[:, None] * freqs(quarter), row[:, None] * freqs(eighth), col[:, None] * freqs(eighth)], dim=-1
+    )
+    return angles.float()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates feature pairs ``(x[i], x[i + d/2])`` of ``x [..., n, d]`` by the given angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The block
+
+
+@dataclass
+class LayerCache:
+    """Keys and values of every past position, plus the last ``window`` normalised inputs that token shift
+    looks back into (one window per sub-layer)."""
+
+    k: Tensor
+    v: Tensor
+    attn_hist: Tensor
+    ff_hist: Tensor
+
+
+class Block(nn.Module):
+    """Pre-norm attention + GEGLU feed-forward, with optional token shift before each sub-layer."""
+
+    def __init__(self, cfg: DALLEConfig, attn_type: str):
+        super().__init__()
+        inner = cfg.heads * cfg.dim_head
+        self.attn_type, self.heads, self.dim_head = attn_type, cfg.heads, cfg.dim_head
+        self.attn_dropout, self.shift = cfg.attn_dropout, cfg.shift_tokens
+        self.norm1 = nn.LayerNorm(cfg.dim)
+        self.to_qkv = nn.Linear(cfg.dim, 3 * inner, bias=False)
+        self.to_out = nn.Linear(inner, cfg.dim)
+        self.norm2 = nn.LayerNorm(cfg.dim)
+        self.ff_in = nn.Linear(cfg.dim, 2 * cfg.ff_mult * cfg.dim)
+        self.ff_out = nn.Linear(cfg.ff_mult * cfg.dim, cfg.dim)
+        self.ff_dropout = nn.Dropout(cfg.ff_dropout)
+
+    def _shift(self, x: Tensor, hist: Tensor, offsets: Tensor) -> Tensor:
+        """Replaces the first two feature quarters of ``x [B, n, d]`` by those of earlier tokens; ``hist``
+        holds the ``W`` normalised inputs before ``x`` and ``offsets [2, n]`` the look-back distances."""
+        window = hist.shape[1]
+        buf = torch.cat([hist, x], dim=1)
+        q = x.shape[-1] // 4
+        here = torch.arange(x.shape[1], device=x.device) + window
+        parts = []
+        for i in range(2):
+            taken = buf[:, here - offsets[i], i * q:(i + 1) * q]
+            parts.append(taken * (offsets[i] > 0)[None, :, None].to(x.dtype))
+        return torch.cat([*parts, x[..., 2 * q:]], dim=-1)
+
+    def forward(self, x: Tensor, pos: Tensor, tables: dict[str, Any], cache: LayerCache | None) -> Tensor:
+        b, n, _ = x.shape
+        start = int(pos[0])
+        h = self.norm1(x)
+        if self.shift:
+            hist = cache.attn_hist if cache is not None else h.new_zeros(b, tables["window"], h.shape[-1])
+            offsets = tables["shift"][:, pos]
+            if cache is not None:
+                cache.attn_hist = torch.cat([hist, h], dim=1)[:, -hist.shape[1]:]
+            h = self._shift(h, hist, offsets)
+        q, k, v = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
+        if "cos" in tables:
+            cos, sin = tables["cos"][pos], tables["sin"][pos]
+            q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            cache.k[:, :, start:start + n] = k
+            cache.v[:, :, start:start + n] = v
+            k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
+        dropout = self.attn_dropout if self.training else 0.0
+        if self.attn_type == "full" and start == 0:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, dropout_p=dropout)
+        elif self.attn_type == "full":  # a cached step: every stored key is in the past
+            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
+        else:
+            mask = tables[self.attn_type][pos, :start + n]
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+        x = x + self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+
+        h = self.norm2(x)
+        if self.shift:
+            hist = cache.ff_hist if cache is not None else h.new_zeros(b, tables["window"], h.shape[-1])
+            if cache is not None:
+                cache.ff_hist = torch.cat([hist, h], dim=1)[:, -hist.shape[1]:]
+            h = self._shift(h, hist, tables["shift"][:, pos])
+        a, gate = self.ff_in(h).chunk(2, dim=-1)
+        return x + self.ff_out(self.ff_dropout(a * F.gelu(gate)))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The model
+
+
+class DALLE(nn.Module):
+    """Causal transformer over text and image tokens (codes from a frozen dVAE, computed outside)."""
+
+    def __init__(self, config: DALLEConfig):
+        super().__init__()
+        config.validate()
+        self.config = cfg = config
+        self.text_len = cfg.text_seq_len + 1  # <bos> + text
+        self.seq_len = cfg.seq_len
+        self.num_text_vocab = cfg.num_text_tokens + cfg.text_seq_len  # + one pad id per text slot
+        self.total_tokens = self.num_text_vocab + cfg.num_image_tokens
+        fmap = cfg.image_fmap_size
+
+        self.text_emb = nn.Embedding(self.num_text_vocab, cfg.dim)
+        self.image_emb = nn.Embedding(cfg.num_image_tokens, cfg.dim)
+        if not cfg.rotary_emb:
+            self.text_pos_emb = nn.Embedding(self.text_len, cfg.dim)
+            self.image_row_emb = nn.Embedding(fmap, cfg.dim)
+            self.image_col_emb = nn.Embedding(fmap, cfg.dim)
+        kinds = [cfg.attn_types[i % len(cfg.attn_types)] for i in range(cfg.depth)]
+        self.blocks = nn.ModuleList(Block(cfg, kind) for kind in kinds)
+        self.norm = nn.LayerNorm(cfg.dim)
+        # Two output heads rather than one masked layer: text positions only ever score the text vocabulary and
+        # image positions the codebook, so the loss computes just the unmasked block (and ZeRO-3 can gather
+        # each head through its own forward).
+        self.to_text_logits = nn.Linear(cfg.dim, self.num_text_vocab)
+        self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens)
+
+        for kind in set(kinds) - {"full"}:
+            self.register_buffer(f"mask_{kind}", attention_mask(kind, self.text_len, fmap, cfg.conv_kernel_size),
+                                 persistent=False)
+        self.register_buffer("shift_table", shift_offsets(self.text_len, fmap), persistent=False)
+        if cfg.rotary_emb:
+            angles = rotary_angles(self.text_len, fmap, cfg.dim_head)
+            self.register_buffer("rot_cos", angles.cos(), persistent=False)
+            self.register_buffer("rot_sin", angles.sin(), persistent=False)
+        pos = torch.arange(self.seq_len)
+        vocab = torch.arange(self.total_tokens)
+        is_text_vocab = vocab < self.num_text_vocab
+        self.register_buffer(  # True where a position must NOT predict a token
+            "logits_mask", (pos[:, None] < cfg.text_seq_len) != is_text_vocab[None, :], persistent=False
+        )
+        self.register_buffer("pad_ids", cfg.num_text_tokens + torch.arange(cfg.text_seq_len), persistent=False)
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+
+    # -- sizes ----------------------------------------------------------------------------------------------
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.text_emb.weight.numel() + self.image_emb.weight.numel()
+        return n
+
+    def flops_per_token(self) -> float:
+        """Training FLOPs per sequence position (forward + backward = 3x forward, 2 per multiply-add): the
+        block matmuls, attention scores over the average causal context, and the logits that the loss really
+        computes (text positions over the text vocabulary, image positions over the codebook)."""
+        cfg = self.config
+        inner = cfg.heads * cfg.dim_head
+        block = 4 * cfg.dim * inner + 3 * cfg.ff_mult * cfg.dim * cfg.dim
+        attention = 2 * inner * (self.seq_len + 1) / 2
+        logits = cfg.dim * (cfg.text_seq_len * self.num_text_vocab + cfg.image_seq_len * cfg.num_image_tokens)
+        return 6.0 * (cfg.depth * (block + attention) + logits / self.seq_len)
+
+    # -- forward --------------------------------------------------------------------------------------------
+
+    def _tables(self) -> dict[str, Any]:
+        tables: dict[str, Any] = {"shift": self.shift_table, "window": self.config.image_fmap_size}
+        for kind in ("axial_row", "axial_col", "conv_like"):
+            if hasattr(self, f"mask_{kind}"):
+                tables[kind] = getattr(self, f"mask_{kind}")
+        if self.config.rotary_emb:
+            tables["cos"], tables["sin"] = self.rot_cos, self.rot_sin
+        return tables
+
+    def text_tokens(self, text: Tensor, null: Tensor | None = None) -> Tensor:
+        """``<bos>`` + text with per-slot pad ids; rows where ``null`` is True lose their caption. Never
+        writes into ``text``."""
+        cfg = self.config
+        if text.shape[-1] != cfg.text_seq_len:
+            raise ValueError(f"text has {text.shape[-1]} tokens, expected text_seq_len={cfg.text_seq_len}")
+        if null is not None:
+            text = text.masked_fill(null[:, None], 0)
+        text = torch.where(text == 0, self.pad_ids, text)
+        return F.pad(text, (1, 0), value=0)
+
+    def _embed(self, ids: Tensor, start: int) -> Tensor:
+        """Embeds stream tokens ``ids [B, n]`` that sit at positions ``start .. start + n - 1``."""
+        n_text = max(0, min(self.text_len - start, ids.shape[1]))
+        parts = []
+        if n_text:
+            x = self.text_emb(ids[:, :n_text])
+            if not self.config.rotary_emb:
+                x = x + self.text_pos_emb(torch.arange(start, start + n_text, device=ids.device))
+            parts.append(x)
+        if n_text < ids.shape[1]:
+            x = self.image_emb(ids[:, n_text:])
+            if not self.config.rotary_emb:
+                k = torch.arange(start + n_text, start + ids.shape[1], device=ids.device) - self.text_len
+                fmap = self.config.image_fmap_size
+                x = x + self.image_row_emb(k // fmap) + self.image_col_emb(k % fmap)
+            parts.append(x)
+        return torch.cat(parts, dim=1)
+
+    def _hidden(self, ids: Tensor, start: int = 0, caches: list[LayerCache] | None = None) -> Tensor:
+        x = self._embed(ids, start)
+        pos = torch.arange(start, start + ids.shape[1], device=ids.device)
+        tables = self._tables()
+        for i, block in enumerate(self.blocks):
+            x = block(x, pos, tables, caches[i] if caches is not None else None)
+        return self.norm(x)
+
+    def forward(
+        self, text: Tensor, image_codes: Tensor | None = None, return_loss: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor, Tensor]:
+        """Masked logits ``[B, n, total_tokens]``, or with ``return_loss`` the tuple
+        ``(loss, loss_text, loss_img)`` with ``loss = (loss_text + w * loss_img) / (w + 1)``.
+
+        In training, ``null_cond_prob`` of the rows lose their caption (caption dropout) so the same model
+        also learns the unconditional distribution that classifier-free guidance needs.
+        """
+        cfg = self.config
+        null = None
+        if self.training and cfg.null_cond_prob > 0:
+            null = torch.rand(text.shape[0], device=text.device) < cfg.null_cond_prob
+        stream = self.text_tokens(text, null)
+        if image_codes is not None:
+            if image_codes.shape[-1] != cfg.image_seq_len:
+                raise ValueError(f"image_codes has {image_codes.shape[-1]} codes, expected {cfg.image_seq_len}")
+            stream = torch.cat([stream, image_codes], dim=1)
+        ids = stream[:, : self.seq_len]
+        h = self._hidden(ids)
+        if not return_loss:
+            logits = torch.cat([self.to_text_logits(h), self.to_image_logits(h)], dim=-1)
+            return logits.masked_fill(self.logits_mask[: h.shape[1]], -torch.finfo(logits.dtype).max)
+        if image_codes is None:
+            raise ValueError("return_loss needs image_codes")
+        # Identical to cross-entropy over the masked logits (masked entries carry zero probability).
+        t = cfg.text_seq_len
+        text_logits, image_logits = self.to_text_logits(h[:, :t]), self.to_image_logits(h[:, t:])
+        loss_text = F.cross_entropy(text_logits.flatten(0, 1).float(), stream[:, 1: t + 1].flatten())
+        loss_img = F.cross_entropy(image_logits.flatten(0, 1).float(), image_codes.flatten())
+        loss = (loss_text + cfg.loss_img_weight * loss_img) / (cfg.loss_img_weight + 1)
+        return loss, loss_text, loss_img
+
+    # -- generation -----------------------------------------------------------------------------------------
+
+    def new_cache(self, batch: int) -> list[LayerCache]:
+        """Empty per-layer caches for ``batch`` rows, preallocated to the full sequence length."""
+        cfg = self.config
+        p = next(self.parameters())
+        shape = (batch, cfg.heads, self.seq_len, cfg.dim_head)
+        window = (batch, cfg.image_fmap_size, cfg.dim)
+        return [
+            LayerCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(window), p.new_zeros(window))
+            for _ in self.blocks
+        ]
+
+    def _next_logits(self, ids: Tensor, caches: list[LayerCache] | None, done: int, image: bool) -> Tensor:
+        """Logits (codebook or text vocabulary) for the token after ``ids``; with caches, only positions from
+        ``done`` on are computed."""
+        if caches is None:
+            h = self._hidden(ids)[:, -1]
+        else:
+            h = self._hidden(ids[:, done:], done, caches)[:, -1]
+        head = self.to_image_logits if image else self.to_text_logits
+        return head(h).float()
+
+    @torch.no_grad()
+    def _sample_stream(
+        self, prefix: Tensor, steps: int, image: bool, *, temperature: float, top_k: float,
+        cond_scale: float, use_cache: bool, generator: torch.Generator | None,
+    ) -> Tensor:
+        """Extends ``prefix [B or 2B, n]`` by ``steps`` image codes (or text ids). With guidance, the second
+        half of the rows is the null-caption copy of the first; both halves run in the same batched pass and
+        each keeps its own cache rows, and the same sampled token is appended to both."""
+        was_training = self.training
+        self.eval()
+        guided = cond_scale != 1.0
+        caches = self.new_cache(prefix.shape[0]) if use_cache else None
+        ids, done = prefix, 0
+        for _ in range(steps):
+            logits = self._next_logits(ids, caches, done, image)
+            done = ids.shape[1]
+            if guided:
+                cond, null = logits.chunk(2)
+                logits = null + (cond - null) * cond_scale
+            token = sample_logits(logits, temperature=temperature, top_k=top_k, generator=generator)
+            if guided:
+                token = torch.cat([token, token])
+            ids = torch.cat([ids, token[:, None]], dim=1)
+        self.train(was_training)
+        return ids[: ids.shape[0] // 2] if guided else ids
+
+    @torch.no_grad()
+    def generate_image_codes(
+        self, text: Tensor, *, temperature: float = 1.0, top_k: float = 0.9, cond_scale: float = 1.0,
+        prime_codes: Tensor | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Samples ``[B, image_seq_len]`` image codes for captions ``text [B, text_seq_len]`` (0 = pad).
+
+        ``top_k`` below 1 keeps that fraction of the codebook, from 1 up keeps that many codes.
+        ``cond_scale != 1`` applies classifier-free guidance against a null caption in one batched pass.
+        ``prime_codes [B, P]`` fixes the first ``P`` codes (image priming). Inputs are never modified.
+        """
+        cfg = self.config
+        prefix = self.text_tokens(text)
+        if prime_codes is not None:
+            if prime_codes.shape[1] >= cfg.image_seq_len:
+                raise ValueError(f"prime_codes has {prime_codes.shape[1]} codes; must be < {cfg.image_seq_len}")
+            prefix = torch.cat([prefix, prime_codes], dim=1)
+        if cond_scale != 1.0:
+            null_text = self.text_tokens(torch.zeros_like(text))
+            null_prefix = torch.cat([null_text, prefix[:, self.text_len:]], dim=1)
+            prefix = torch.cat([prefix, null_prefix])
+        steps = self.text_len + cfg.image_seq_len - prefix.shape[1]
+        ids = self._sample_stream(prefix, steps, True, temperature=temperature, top_k=top_k,
+                                  cond_scale=cond_scale, use_cache=use_cache, generator=generator)
+        return ids[:, self.text_len:]
+
+    @torch.no_grad()
+    def generate_texts(
+        self, prompt: Tensor | None = None, *, batch: int = 1, temperature: float = 1.0, top_k: float = 0.9,
+        use_cache: bool = True, generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Continues caption ids ``prompt [B, n]`` (or starts from ``<bos>``) to ``text_seq_len`` ids.
+        Sampled per-slot pad ids come back as 0, so the tokenizer's decode skips them."""
+        device = self.pad_ids.device
+        if prompt is None:
+            prompt = torch.zeros(batch, 0, dtype=torch.long, device=device)
+        prefix = F.pad(prompt[:, : self.config.text_seq_len], (1, 0), value=0)
+        steps = self.text_len - prefix.shape[1]
+        ids = self._sample_stream(prefix, steps, False, temperature=temperature,
+                                  top_k=top_k, cond_scale=1.0, use_cache=use_cache, generator=generator)
+        text = ids[:, 1:]
+        return text.masked_fill(text >= self.config.num_text_tokens, 0)
+
+
+def sample_logits(logits: Tensor, *, temperature: float, top_k: float, generator: torch.Generator | None) -> Tensor:
+    """Draws one index per row after top-k filtering (a fraction below 1, a count from 1) and temperature."""
+    vocab = logits.shape[-1]
+    k = max(1, math.ceil(top_k * vocab)) if top_k < 1 else min(vocab, int(top_k))
+    values, indices = logits.topk(k, dim=-1)
+    probs = torch.softmax(values / temperature, dim=-1)
+    choice = torch.multinomial(probs, 1, generator=generator)
+    return indices.gather(-1, choice).squeeze(-1)

@@ -1,0 +1,247 @@
+"""The DALLE transformer and its sampler, including one test per known bug of the reference implementation."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dalle_core.config import ATTN_TYPES, ConfigError, DALLEConfig
+from dalle_core.dalle import DALLE, attention_mask, sample_logits
+
+PATTERNS = [["full"], ["axial_row"], ["axial_col"], ["conv_like"], ["axial_row", "axial_col", "conv_like", "full"]]
+
+
+def tiny_config(**overrides) -> DALLEConfig:
+    base = dict(num_text_tokens=40, text_seq_len=6, num_image_tokens=24, image_fmap_size=4, dim=32, depth=4,
+                heads=2, dim_head=16)
+    base.update(overrides)
+    return DALLEConfig(**base)
+
+
+def sharpened(model: DALLE) -> DALLE:
+    """Scales the output heads so sampling is far from uniform: a cached/uncached mismatch then changes tokens."""
+    with torch.no_grad():
+        model.to_image_logits.weight.mul_(40)
+        model.to_text_logits.weight.mul_(40)
+    return model
+
+
+def batch(cfg: DALLEConfig, b: int = 3, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    text = torch.randint(1, cfg.num_text_tokens, (b, cfg.text_seq_len), generator=g)
+    text[0, 3:] = 0
+    text[min(1, b - 1), 5:] = 0
+    codes = torch.randint(0, cfg.num_image_tokens, (b, cfg.image_seq_len), generator=g)
+    return text, codes
+
+
+@pytest.mark.parametrize("attn_types", PATTERNS, ids=lambda p: "+".join(p))
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_cached_and_uncached_generation_give_identical_tokens(attn_types, cond_scale):
+    torch.manual_seed(0)
+    model = sharpened(DALLE(tiny_config(attn_types=attn_types)))
+    text, _ = batch(model.config)
+    runs = []
+    for use_cache in (True, False):
+        gen = torch.Generator().manual_seed(7)
+        runs.append(model.generate_image_codes(text, cond_scale=cond_scale, top_k=0.5, use_cache=use_cache,
+                                               generator=gen))
+    assert runs[0].shape == (3, model.config.image_seq_len)
+    assert torch.equal(runs[0], runs[1])
+    assert len(set(runs[0].flatten().tolist())) > 3  # the sampler really explored the codebook
+
+
+@pytest.mark.parametrize("attn_types", PATTERNS, ids=lambda p: "+".join(p))
+def test_cached_step_logits_match_full_forward(attn_types):
+    torch.manual_seed(1)
+    for rotary in (True, False):
+        model = DALLE(tiny_config(attn_types=attn_types, rotary_emb=rotary)).eval()
+        text, codes = batch(model.config)
+        with torch.no_grad():
+            full = model(text, codes)
+            stream = torch.cat([model.text_tokens(text), codes], dim=1)[:, : model.seq_len]
+            caches = model.new_cache(text.shape[0])
+            prefill = model.text_len + 2
+            steps = [model._hidden(stream[:, :prefill], 0, caches)]
+            steps += [model._hidden(stream[:, p:p + 1], p, caches) for p in range(prefill, model.seq_len)]
+            hidden = torch.cat(steps, dim=1)
+            cached = torch.cat([model.to_text_logits(hidden), model.to_image_logits(hidden)], dim=-1)
+        cached = cached.masked_fill(model.logits_mask, -torch.finfo(cached.dtype).max)
+        torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+def test_guided_sampling_leaves_prompt_unchanged_and_uses_the_caption():
+    torch.manual_seed(2)
+    model = sharpened(DALLE(tiny_config()))
+    text, _ = batch(model.config)
+    before = text.clone()
+    guided = model.generate_image_codes(text, cond_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(text, before)
+    # Every step after the first still sees the caption: changing the caption changes the whole image.
+    other = text.clone()
+    other[:, 0] = (other[:, 0] % (model.config.num_text_tokens - 1)) + 1
+    guided_other = model.generate_image_codes(other, cond_scale=3.0, generator=torch.Generator().manual_seed(0))
+    assert not torch.equal(guided[:, 1:], guided_other[:, 1:])
+
+
+@pytest.mark.parametrize("cond_scale", [1.0, 2.0])
+def test_sampling_uses_the_cache_and_one_batched_pass_with_or_without_guidance(cond_scale):
+    torch.manual_seed(3)
+    model = DALLE(tiny_config())
+    text, _ = batch(model.config, b=2)
+    seen = []
+    hook = model.blocks[0].register_forward_hook(lambda mod, args, out: seen.append(tuple(args[0].shape[:2])))
+    model.generate_image_codes(text, cond_scale=cond_scale, generator=torch.Generator().manual_seed(0))
+    hook.remove()
+    rows = 4 if cond_scale != 1.0 else 2  # conditional and null rows share each pass
+    assert len(seen) == model.config.image_seq_len  # one pass per sampled code, not two
+    assert seen[0] == (rows, model.text_len)  # the prompt once ...
+    assert set(seen[1:]) == {(rows, 1)}  # ... then one new token per step: the cache is used
+
+
+def test_guided_logits_equal_separate_conditional_and_null_passes():
+    torch.manual_seed(4)
+    model = DALLE(tiny_config()).eval()
+    text, codes = batch(model.config, b=2)
+    cond_scale = 2.5
+    with torch.no_grad():
+        cond = model(text, codes)[:, -1, model.num_text_vocab:]
+        null = model(torch.zeros_like(text), codes)[:, -1, model.num_text_vocab:]
+        expected = null + (cond - null) * cond_scale
+        stream = torch.cat([model.text_tokens(text), codes], dim=1)[:, : model.seq_len]
+        null_stream = torch.cat([model.text_tokens(torch.zeros_like(text)), codes], dim=1)[:, : model.seq_len]
+        both = model._next_logits(torch.cat([stream, null_stream]), None, 0, True)
+        c, n = both.chunk(2)
+    torch.testing.assert_close(n + (c - n) * cond_scale, expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ATTN_TYPES)
+def test_attention_patterns_are_causal_and_text_is_visible(kind):
+    text_len, fmap = 5, 4
+    mask = attention_mask(kind, text_len, fmap)
+    seq = text_len + fmap * fmap - 1
+    assert mask.shape == (seq, seq)
+    assert not torch.triu(mask, diagonal=1).any()
+    assert mask.diagonal().all()
+    assert mask[:, :text_len].tril().equal(torch.ones(seq, text_len, dtype=torch.bool).tril())
+    if kind == "axial_row":  # image token 5 (row 1, col 1) sees token 4 (row 1) but not token 3 (row 0)
+        assert mask[text_len + 5, text_len + 4] and not mask[text_len + 5, text_len + 3]
+    if kind == "axial_col":  # token 5 sees token 1 (same column), not token 4
+        assert mask[text_len + 5, text_len + 1] and not mask[text_len + 5, text_len + 4]
+
+
+@pytest.mark.parametrize("attn_types", PATTERNS, ids=lambda p: "+".join(p))
+def test_no_position_sees_the_future(attn_types):
+    torch.manual_seed(5)
+    model = DALLE(tiny_config(attn_types=attn_types)).eval()
+    text, codes = batch(model.config, b=1)
+    changed = codes.clone()
+    changed[0, 9] = (changed[0, 9] + 1) % model.config.num_image_tokens
+    with torch.no_grad():
+        a, b = model(text, codes), model(text, changed)
+    first_affected = model.text_len + 9  # the position holding code 9
+    torch.testing.assert_close(a[:, :first_affected], b[:, :first_affected])
+    assert not torch.allclose(a[:, first_affected:], b[:, first_affected:])
+
+
+def test_logits_mask_keeps_text_on_text_and_image_on_image():
+    model = DALLE(tiny_config())
+    text, codes = batch(model.config)
+    logits = model(text, codes)
+    t, v = model.config.text_seq_len, model.num_text_vocab
+    very_negative = -torch.finfo(logits.dtype).max
+    assert (logits[:, :t, v:] == very_negative).all()
+    assert (logits[:, t:, :v] == very_negative).all()
+    assert (logits[:, :t, :v] > very_negative).all() and (logits[:, t:, v:] > very_negative).all()
+
+
+def test_loss_is_weighted_text_plus_seven_image_over_eight_and_equals_masked_cross_entropy():
+    model = DALLE(tiny_config())
+    text, codes = batch(model.config)
+    loss, loss_text, loss_img = model(text, codes, return_loss=True)
+    torch.testing.assert_close(loss, (loss_text + 7 * loss_img) / 8)
+    logits = model(text, codes)
+    labels = torch.cat([model.text_tokens(text)[:, 1:], codes + model.num_text_vocab], dim=1)
+    t = model.config.text_seq_len
+    torch.testing.assert_close(loss_text, F.cross_entropy(logits[:, :t].flatten(0, 1), labels[:, :t].flatten()))
+    torch.testing.assert_close(loss_img, F.cross_entropy(logits[:, t:].flatten(0, 1), labels[:, t:].flatten()))
+
+
+def test_each_text_slot_has_its_own_pad_id():
+    model = DALLE(tiny_config())
+    text = torch.tensor([[5, 6, 0, 0, 0, 0], [5, 0, 0, 0, 0, 0]])
+    before = text.clone()
+    stream = model.text_tokens(text)
+    assert torch.equal(text, before)
+    n = model.config.num_text_tokens
+    assert stream[0].tolist() == [0, 5, 6, n + 2, n + 3, n + 4, n + 5]
+    assert stream[1].tolist() == [0, 5, n + 1, n + 2, n + 3, n + 4, n + 5]
+
+
+def test_caption_dropout_only_in_training_and_without_touching_input():
+    torch.manual_seed(6)
+    model = DALLE(tiny_config(null_cond_prob=0.5))
+    text, codes = batch(model.config, b=64)
+    before = text.clone()
+    model.train()
+    a = model(text, codes, return_loss=True)[1]
+    b = model(text, codes, return_loss=True)[1]
+    assert torch.equal(text, before)
+    assert not torch.allclose(a, b)  # different rows dropped each call
+    model.eval()
+    torch.testing.assert_close(model(text, codes, return_loss=True)[1], model(text, codes, return_loss=True)[1])
+
+
+def test_tiny_model_overfits_one_batch():
+    torch.manual_seed(0)
+    model = DALLE(tiny_config(depth=2, dim=64))
+    text, codes = batch(model.config, b=4)
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    first = None
+    for _ in range(150):
+        loss = model(text, codes, return_loss=True)[0]
+        first = first if first is not None else loss.item()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < first / 10, (first, loss.item())
+
+
+def test_priming_keeps_the_given_codes():
+    torch.manual_seed(8)
+    model = DALLE(tiny_config())
+    text, codes = batch(model.config, b=2)
+    out = model.generate_image_codes(text, prime_codes=codes[:, :5], generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out[:, :5], codes[:, :5])
+    with pytest.raises(ValueError, match="prime_codes"):
+        model.generate_image_codes(text, prime_codes=codes)
+
+
+def test_generate_texts_cached_matches_uncached_and_returns_plain_ids():
+    torch.manual_seed(9)
+    model = sharpened(DALLE(tiny_config()))
+    a = model.generate_texts(batch=3, generator=torch.Generator().manual_seed(1))
+    b = model.generate_texts(batch=3, use_cache=False, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(a, b)
+    assert a.shape == (3, model.config.text_seq_len)
+    assert (a < model.config.num_text_tokens).all()
+    prompt = torch.tensor([[3, 4]])
+    assert model.generate_texts(prompt)[0, :2].tolist() == [3, 4]
+
+
+def test_sample_logits_top_k_by_fraction_and_by_count():
+    logits = torch.arange(10.0).repeat(200, 1)
+    g = torch.Generator().manual_seed(0)
+    assert set(sample_logits(logits, temperature=1.0, top_k=0.2, generator=g).tolist()) <= {8, 9}
+    assert set(sample_logits(logits, temperature=1.0, top_k=3, generator=g).tolist()) == {7, 8, 9}
+    assert set(sample_logits(logits, temperature=1e-4, top_k=3, generator=g).tolist()) == {9}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "field"),
+    [({"depth": 0}, "dalle.depth"), ({"attn_types": ["sparse"]}, "dalle.attn_types"),
+     ({"dim_head": 12}, "dalle.dim_head"), ({"conv_kernel_size": 4}, "dalle.conv_kernel_size"),
+     ({"null_cond_prob": 1.5}, "dalle.null_cond_prob")],
+)
+def test_bad_config_values_name_the_field(overrides, field):
+    with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+        tiny_config(**overrides).validate("dalle")
