@@ -1,0 +1,134 @@
+"""A small CLIP for reranking generated candidates, and the :class:`Scorer` interface reranking uses.
+
+Text: token + learned position embeddings, a pre-norm transformer whose attention ignores pad tokens, then
+the mean over non-pad tokens. Image: ViT-style patches plus a class token. Both are projected to
+``dim_latent`` and L2-normalised; a learned temperature scales the cosine similarities, and the loss is the
+symmetric cross-entropy over the in-batch similarity matrix.
+
+Anything with ``score(text_ids, images) -> Tensor[B]`` is a :class:`Scorer`; a pretrained CLIP loaded from a
+local path only needs a thin adapter (decode the BPE ids with our tokenizer, re-tokenise with its own).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol, runtime_checkable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_core.config import CLIPConfig
+
+
+@runtime_checkable
+class Scorer(Protocol):
+    """Reranking interface: higher score = caption and image agree better, one score per row."""
+
+    def score(self, text_ids: Tensor, images: Tensor) -> Tensor:
+        """``text_ids`` [B, T] long with 0 = pad, ``images`` [B, C, H, W] in [0, 1] -> scores [B]."""
+        ...
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block; attention runs through ``scaled_dot_product_attention``."""
+
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm1 = nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.ff = nn.Sequential(nn.Linear(dim, dim * 4), nn.GELU(), nn.Linear(dim * 4, dim))
+
+    def forward(self, x: Tensor, key_mask: Tensor | None = None) -> Tensor:
+        b, n, d = x.shape
+        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        attn_mask = None if key_mask is None else key_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        x = x + self.proj(out.transpose(1, 2).reshape(b, n, d))
+        return x + self.ff(self.norm2(x))
+
+
+class CLIP(nn.Module):
+    """Contrastive text/image model; ``config.text_seq_len`` tokens, ``config.image_size`` square images."""
+
+    def __init__(self, config: CLIPConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        c = config
+        self.token_emb = nn.Embedding(c.num_text_tokens, c.dim_text)
+        self.text_pos_emb = nn.Parameter(torch.randn(c.text_seq_len, c.dim_text) * 0.02)
+        self.text_blocks = nn.ModuleList(Block(c.dim_text, c.heads) for _ in range(c.text_depth))
+        self.text_norm = nn.LayerNorm(c.dim_text)
+        self.to_text_latent = nn.Linear(c.dim_text, c.dim_latent, bias=False)
+
+        num_patches = (c.image_size // c.patch_size) ** 2
+        self.patch_emb = nn.Conv2d(c.channels, c.dim_image, c.patch_size, stride=c.patch_size)
+        self.cls_token = nn.Parameter(torch.randn(c.dim_image) * 0.02)
+        self.image_pos_emb = nn.Parameter(torch.randn(num_patches + 1, c.dim_image) * 0.02)
+        self.image_blocks = nn.ModuleList(Block(c.dim_image, c.heads) for _ in range(c.image_depth))
+        self.image_norm = nn.LayerNorm(c.dim_image)
+        self.to_image_latent = nn.Linear(c.dim_image, c.dim_latent, bias=False)
+
+        # log of the inverse temperature, CLIP's initial 1/0.07; clamped at 100 when used.
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+
+    def encode_text(self, text_ids: Tensor) -> Tensor:
+        """L2-normalised text latents ``[B, dim_latent]`` from ids ``[B, T]`` (T <= text_seq_len, 0 = pad).
+
+        Attention and pooling ignore pads; an all-pad row (empty caption) pools nothing and maps to zeros."""
+        c = self.config
+        if text_ids.dim() != 2 or text_ids.shape[1] > c.text_seq_len:
+            raise ValueError(f"text_ids must be [B, <= {c.text_seq_len}], got {tuple(text_ids.shape)}")
+        if text_ids.numel() and (text_ids.min() < 0 or text_ids.max() >= c.num_text_tokens):
+            raise ValueError(f"text ids must lie in [0, {c.num_text_tokens})")
+        keep = text_ids != 0
+        # A row of pads would give attention nothing to look at (NaN); let it attend to itself instead.
+        attend = keep | ~keep.any(dim=1, keepdim=True)
+        x = self.token_emb(text_ids) + self.text_pos_emb[: text_ids.shape[1]]
+        for block in self.text_blocks:
+            x = block(x, attend)
+        x = self.text_norm(x)
+        weights = keep.unsqueeze(-1).to(x.dtype)
+        pooled = (x * weights).sum(1) / weights.sum(1).clamp(min=1)
+        return F.normalize(self.to_text_latent(pooled), dim=-1)
+
+    def encode_image(self, images: Tensor) -> Tensor:
+        """L2-normalised image latents ``[B, dim_latent]`` from images ``[B, C, H, W]`` in [0, 1]."""
+        c = self.config
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c.channels, c.image_size, c.image_size):
+            raise ValueError(f"images must be [B, {c.channels}, {c.image_size}, {c.image_size}], "
+                             f"got {tuple(images.shape)}")
+        patches = self.patch_emb(images * 2 - 1).flatten(2).transpose(1, 2)
+        cls = self.cls_token.expand(patches.shape[0], 1, -1)
+        x = torch.cat([cls, patches], dim=1) + self.image_pos_emb
+        for block in self.image_blocks:
+            x = block(x)
+        return F.normalize(self.to_image_latent(self.image_norm(x[:, 0])), dim=-1)
+
+    def temperature_scale(self) -> Tensor:
+        return self.logit_scale.clamp(max=math.log(100)).exp()
+
+    def forward(self, text_ids: Tensor, images: Tensor, return_loss: bool = False) -> Tensor:
+        """Scaled cosine similarity per (text, image) row pair ``[B]``; with ``return_loss`` the symmetric
+        contrastive loss over the batch (row i's text matches row i's image, every other row is a negative)."""
+        text, image = self.encode_text(text_ids), self.encode_image(images)
+        scale = self.temperature_scale()
+        if not return_loss:
+            return scale * (text * image).sum(-1)
+        logits = scale * text @ image.t()
+        labels = torch.arange(logits.shape[0], device=logits.device)
+        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+
+    @torch.no_grad()
+    def score(self, text_ids: Tensor, images: Tensor) -> Tensor:
+        """Cosine similarity per row pair in [-1, 1] (the :class:`Scorer` interface), computed in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return (self.encode_text(text_ids) * self.encode_image(images)).sum(-1)
+        finally:
+            self.train(was_training)

@@ -1,0 +1,169 @@
+"""The discrete VAE (stage one): images <-> grids of codebook ids.
+
+Semantics follow DALLE-pytorch's ``DiscreteVAE``: a stride-2 conv encoder (optionally followed by residual
+blocks) ends in a 1x1 conv giving ``num_tokens`` logits per cell; training relaxes the categorical choice
+with gumbel-softmax at a temperature (hard one-hot with straight-through gradients if asked), mixes codebook
+vectors with it and decodes with transposed convs. Loss = reconstruction (MSE or smooth-L1) +
+``kl_div_loss_weight`` * KL(q || uniform). At inference the code of a cell is the argmax of its logits.
+
+Images enter and leave in [0, 1]; internally they live in [-1, 1].
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from dalle_core.config import VAEConfig
+
+
+class ResBlock(nn.Module):
+    """conv3x3 -> relu -> conv3x3 -> relu -> conv1x1, plus the input."""
+
+    def __init__(self, chan: int) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(chan, chan, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(chan, chan, 1),
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x) + x
+
+
+class VAELoss(NamedTuple):
+    """The parts of one training step, so jobs can log reconstruction and KL separately."""
+
+    loss: Tensor
+    recon_loss: Tensor
+    kl_div: Tensor
+    recons: Tensor  # [B, C, H, W] in [0, 1], not clamped (gradients flow through it)
+
+
+class DiscreteVAE(nn.Module):
+    """Stage-one image tokenizer; ``config.image_seq_len`` codes per image, ids in ``[0, num_tokens)``."""
+
+    def __init__(self, config: VAEConfig) -> None:
+        super().__init__()
+        config.validate()
+        self.config = config
+        hidden, layers = config.hidden_dim, config.num_layers
+        has_res = config.num_resnet_blocks > 0
+
+        enc: list[nn.Module] = []
+        dec: list[nn.Module] = []
+        enc_in = config.channels
+        for _ in range(layers):
+            enc += [nn.Conv2d(enc_in, hidden, 4, stride=2, padding=1), nn.ReLU()]
+            enc_in = hidden
+        enc += [ResBlock(hidden) for _ in range(config.num_resnet_blocks)]
+        enc.append(nn.Conv2d(hidden, config.num_tokens, 1))
+
+        if has_res:
+            dec.append(nn.Conv2d(config.codebook_dim, hidden, 1))
+            dec += [ResBlock(hidden) for _ in range(config.num_resnet_blocks)]
+        dec_in = hidden if has_res else config.codebook_dim
+        for _ in range(layers):
+            dec += [nn.ConvTranspose2d(dec_in, hidden, 4, stride=2, padding=1), nn.ReLU()]
+            dec_in = hidden
+        dec.append(nn.Conv2d(hidden, config.channels, 1))
+
+        self.codebook = nn.Embedding(config.num_tokens, config.codebook_dim)
+        self.encoder = nn.Sequential(*enc)
+        self.decoder = nn.Sequential(*dec)
+
+    @property
+    def num_tokens(self) -> int:
+        return self.config.num_tokens
+
+    @property
+    def image_size(self) -> int:
+        return self.config.image_size
+
+    @property
+    def image_seq_len(self) -> int:
+        return self.config.image_seq_len
+
+    def _check_images(self, images: Tensor) -> None:
+        c, size = self.config.channels, self.config.image_size
+        if images.dim() != 4 or tuple(images.shape[1:]) != (c, size, size):
+            raise ValueError(f"images must be [B, {c}, {size}, {size}], got {tuple(images.shape)}")
+
+    def logits(self, images: Tensor) -> Tensor:
+        """Per-cell code logits ``[B, num_tokens, fmap, fmap]`` for images in [0, 1]."""
+        self._check_images(images)
+        return self.encoder(images * 2 - 1)
+
+    @torch.no_grad()
+    def get_codebook_indices(self, images: Tensor) -> torch.LongTensor:
+        """Hard codes ``[B, image_seq_len]`` (row-major), the argmax per cell, computed in eval mode."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self.logits(images).argmax(dim=1).flatten(1)
+        finally:
+            self.train(was_training)
+
+    def _decode_embeds(self, embeds: Tensor) -> Tensor:
+        """Decoder output mapped back from [-1, 1] to [0, 1] (unclamped)."""
+        return (self.decoder(embeds) + 1) / 2
+
+    def decode(self, codes: Tensor) -> Tensor:
+        """Images ``[B, C, H, W]`` in [0, 1] (clamped) from codes ``[B, image_seq_len]``."""
+        n, fmap = self.config.image_seq_len, self.config.fmap_size
+        if codes.dim() != 2 or codes.shape[1] != n:
+            raise ValueError(f"codes must be [B, {n}], got {tuple(codes.shape)}")
+        if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_tokens):
+            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got [{int(codes.min())}, "
+                             f"{int(codes.max())}]")
+        embeds = self.codebook(codes.long()).view(codes.shape[0], fmap, fmap, -1).permute(0, 3, 1, 2)
+        return self._decode_embeds(embeds).clamp(0, 1)
+
+    def compute_loss(self, images: Tensor, temp: float | None = None) -> VAELoss:
+        """One gumbel-softmax pass returning total, reconstruction and KL-to-uniform losses."""
+        logits = self.logits(images)
+        temp = self.config.temperature if temp is None else temp
+        soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=self.config.straight_through)
+        sampled = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.codebook.weight)
+        recons = self._decode_embeds(sampled)
+        loss_fn = F.smooth_l1_loss if self.config.smooth_l1_loss else F.mse_loss
+        recon_loss = loss_fn(recons * 2 - 1, images * 2 - 1)  # measured in [-1, 1], as the reference does
+        # KL(q || uniform), summed over cells and codes, averaged over the batch ("batchmean").
+        log_q = F.log_softmax(logits, dim=1)
+        kl_div = (log_q.exp() * (log_q + math.log(self.num_tokens))).sum() / images.shape[0]
+        loss = recon_loss + self.config.kl_div_loss_weight * kl_div
+        return VAELoss(loss, recon_loss, kl_div, recons)
+
+    def forward(self, images: Tensor, return_loss: bool = False, return_recons: bool = False,
+                temp: float | None = None) -> Tensor | tuple[Tensor, Tensor]:
+        """Reconstructions in [0, 1] (clamped); with ``return_loss`` the scalar loss, with both
+        ``(loss, recons)``. :meth:`compute_loss` gives the loss parts."""
+        parts = self.compute_loss(images, temp)
+        if not return_loss:
+            return parts.recons.clamp(0, 1)
+        if return_recons:
+            return parts.loss, parts.recons.clamp(0, 1)
+        return parts.loss
+
+
+def codebook_usage(codes: Tensor, num_tokens: int) -> dict:
+    """How well the codebook is used: perplexity (exp of the code entropy; ``num_tokens`` when uniform, 1 when
+    one code does everything), dead codes (never used) and the per-code histogram."""
+    codes = torch.as_tensor(codes).flatten().long()
+    if codes.numel() == 0:
+        raise ValueError("codebook_usage needs at least one code")
+    if codes.min() < 0 or codes.max() >= num_tokens:
+        raise ValueError(f"codes must lie in [0, {num_tokens}), got [{int(codes.min())}, {int(codes.max())}]")
+    histogram = torch.bincount(codes, minlength=num_tokens)
+    probs = histogram[histogram > 0].double() / codes.numel()
+    perplexity = float(torch.exp(-(probs * probs.log()).sum()))
+    return {
+        "perplexity": perplexity,
+        "dead_codes": int((histogram == 0).sum()),
+        "histogram": histogram.tolist(),
+    }
