@@ -21,7 +21,7 @@ import torch
 
 from dalle_core.config import DALLEConfig
 from dalle_core.dalle import DALLE
-from dalle_core.perf import measure_matmul_flops, mfu
+from dalle_core.train_utils import measure_peak_flops, mfu
 
 PEER_STUBS = Path(__file__).resolve().parents[1].parent / "shared" / "peer" / "stubs"
 BATCH, TEXT_LEN, FMAP, TEXT_VOCAB, CODEBOOK = 8, 32, 8, 10000, 512
@@ -103,17 +103,23 @@ def main() -> None:
     if peer is not None:
         peer_params = sum(p.numel() for n, p in peer.named_parameters() if not n.startswith("vae."))
     tokens_per_step = BATCH * ours.seq_len
-    peak = {"fp32": measure_matmul_flops(torch.float32), "bf16": measure_matmul_flops(torch.bfloat16)}
+    def peak_flops() -> dict[str, float]:
+        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+        return {k: measure_peak_flops(dtype=d, size=1024, seconds=1.0) for k, d in dtypes.items()}
+
+    peak = peak_flops()
     report: dict = {
         "config": {"dim": 256, "depth": 4, "heads": 4, "text_seq_len": TEXT_LEN, "image_seq_len": FMAP * FMAP,
                    "batch": BATCH, "text_vocab": TEXT_VOCAB, "codebook": CODEBOOK},
         "threads": torch.get_num_threads(),
-        "matmul_gflops": {k: v / 1e9 for k, v in peak.items()},
         "params": {"ours": ours.num_params(), "reference": peer_params},
         "train": {},
         "generate": {},
     }
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        # A busy machine lowers a single peak reading; the best of repeated readings is the ceiling.
+        peak = {k: max(v, peak[k]) for k, v in peak_flops().items()}
+        report["matmul_gflops"] = {k: v / 1e9 for k, v in peak.items()}
         best_ours, best_peer = float("inf"), float("inf")
         for _ in range(args.rounds):
             best_ours = min(best_ours, train_step_seconds(ours, False, dtype, args.steps))

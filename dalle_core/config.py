@@ -8,6 +8,7 @@ field (``dalle.depth``), so a typo fails before any cluster resource is taken.
 from __future__ import annotations
 
 import dataclasses
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -16,6 +17,7 @@ from typing import Any
 
 import yaml
 
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"  # the embedded default preset
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
 PRECISIONS = ("fp32", "bf16", "fp16")
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -281,7 +283,8 @@ class PathsConfig:
 
     def resolved(self) -> PathsConfig:
         """A copy with every empty path filled in under ``root``."""
-        root = self.root.rstrip("/")
+        # Local paths become absolute: Ray workers do not run in the driver's working directory.
+        root = self.root.rstrip("/") if "://" in self.root else os.path.abspath(self.root)
         defaults = {
             "raw": f"{root}/raw",
             "tokenizer": f"{root}/tokenizer/bpe.model",
@@ -352,6 +355,8 @@ class TrainConfig:
                f"must be one of {PRECISIONS}, got {self.precision!r}")
         _check(self.max_failures >= -1, f"{name}.max_failures", "must be >= -1 (-1 retries forever)")
         _check(bool(self.run_name), f"{name}.run_name", "must not be empty")
+        _check(self.precision != "fp16" or self.use_gpu, f"{name}.precision",
+               "fp16 needs use_gpu: true (DeepSpeed's CPU accelerator has no fp16; use bf16 or fp32)")
         _check(self.placement_strategy in PLACEMENT_STRATEGIES, f"{name}.placement_strategy",
                f"must be one of {PLACEMENT_STRATEGIES}, got {self.placement_strategy!r}")
         for key, value in self.resources_per_worker.items():
@@ -360,6 +365,167 @@ class TrainConfig:
         _check(self.shuffle_buffer >= 0, f"{name}.shuffle_buffer", "must be >= 0")
         _check(self.peak_flops_per_worker >= 0, f"{name}.peak_flops_per_worker", "must be >= 0 (0 measures)")
         _check(self.zero3_persistence_threshold >= 0, f"{name}.zero3_persistence_threshold", "must be >= 0")
+
+
+INGEST_SOURCES = ("urls", "folder", "webdataset")
+IMG2DATASET_RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
+
+
+@dataclass
+class IngestConfig:
+    """Real data into raw shards: a URL list through img2dataset, a folder of image + .txt pairs, or WebDataset
+    tars. The URL-list fields are passed to img2dataset as they are."""
+
+    source: str = "urls"
+    samples_per_shard: int = 1000
+    caption_seed: int = 0  # picks the caption line of a multi-line .txt per sample, by key
+    url_col: str = "url"
+    caption_col: str = "caption"
+    input_format: str = ""  # txt | csv | tsv | parquet | json...; empty = from the file extension
+    output_format: str = "parquet"  # parquet | webdataset
+    image_size: int = 256
+    resize_mode: str = "keep_ratio"  # smaller side to image_size; pretokenize crops to the dVAE's size later
+    processes_count: int = 1
+    thread_count: int = 16
+    timeout: int = 10
+    retries: int = 0
+
+    def validate(self, name: str = "ingest") -> None:
+        _check(self.source in INGEST_SOURCES, f"{name}.source", f"must be one of {INGEST_SOURCES}, got {self.source!r}")
+        _check(self.output_format in ("parquet", "webdataset"), f"{name}.output_format",
+               f"must be parquet or webdataset, got {self.output_format!r}")
+        _check(self.resize_mode in IMG2DATASET_RESIZE_MODES, f"{name}.resize_mode",
+               f"must be one of {IMG2DATASET_RESIZE_MODES}, got {self.resize_mode!r}")
+        for key in ("samples_per_shard", "image_size", "processes_count", "thread_count", "timeout"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.retries >= 0, f"{name}.retries", "must be >= 0")
+
+
+@dataclass
+class PretokenizeConfig:
+    """Raw shards -> token shards with Ray Data: CPU tasks decode and tokenize, a pool of dVAE actors encodes."""
+
+    batch_size: int = 256  # rows per batch through both stages
+    concurrency: int = 1  # dVAE encoder actors (one per GPU on a GPU cluster)
+    num_cpus_per_actor: float = 1.0
+    num_gpus_per_actor: float = 0.0  # 1 on a GPU cluster: each actor takes a GPU
+    min_image_size: int = 16  # pictures whose shorter side is smaller are rejected as too small
+    overwrite: bool = False  # redo finished output shards instead of leaving them as they are
+
+    def validate(self, name: str = "pretokenize") -> None:
+        for key in ("batch_size", "concurrency", "min_image_size"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.num_cpus_per_actor > 0, f"{name}.num_cpus_per_actor", "must be > 0")
+        _check(self.num_gpus_per_actor >= 0, f"{name}.num_gpus_per_actor", "must be >= 0")
+
+
+PROMPT_SOURCES = ("synthetic", "text", "parquet")
+
+
+@dataclass
+class EvaluateConfig:
+    """The evaluation Serve application (Generator + Scorer deployments) and the batch driver that feeds it."""
+
+    app_name: str = "dalle"
+    route_prefix: str = "/"
+    http_host: str = "127.0.0.1"
+    http_port: int = 8000
+    generator_replicas: int = 1
+    generator_num_cpus: float = 1.0
+    generator_num_gpus: float = 0.0  # > 0 puts each Generator replica on a GPU (1 on a GPU cluster)
+    scorer_replicas: int = 1
+    scorer_num_cpus: float = 0.5
+    scorer_num_gpus: float = 0.0
+    max_batch_size: int = 8  # prompts grouped by @serve.batch into one sampling pass (x num_candidates rows)
+    scorer_max_batch_size: int = 16  # prompts grouped into one CLIP pass
+    batch_wait_timeout_s: float = 0.05
+    max_ongoing_requests: int = 64
+    prompt_source: str = "synthetic"  # synthetic held-out captions | text file (one per line) | parquet column
+    prompts_path: str = ""
+    prompt_column: str = "caption"
+    num_prompts: int = 16  # 0 = every prompt of the source
+    driver_concurrency: int = 2  # Ray Data actors calling the deployment handles
+    driver_batch_size: int = 4  # prompts per Ray Data batch (all sent to Serve at once)
+    grid_max_prompts: int = 32  # rows of grid.png / report.html
+
+    def validate(self, name: str = "evaluate") -> None:
+        _check(bool(self.app_name), f"{name}.app_name", "must not be empty")
+        _check(self.route_prefix.startswith("/"), f"{name}.route_prefix",
+               f"must start with /, got {self.route_prefix!r}")
+        _check(0 < self.http_port < 65536, f"{name}.http_port", f"must be a TCP port, got {self.http_port}")
+        for key in ("generator_replicas", "scorer_replicas", "max_batch_size", "scorer_max_batch_size",
+                    "max_ongoing_requests", "driver_concurrency", "driver_batch_size", "grid_max_prompts"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        for key in ("generator_num_cpus", "generator_num_gpus", "scorer_num_cpus", "scorer_num_gpus",
+                    "batch_wait_timeout_s"):
+            _check(getattr(self, key) >= 0, f"{name}.{key}", f"must be >= 0, got {getattr(self, key)}")
+        _check(self.prompt_source in PROMPT_SOURCES, f"{name}.prompt_source",
+               f"must be one of {PROMPT_SOURCES}, got {self.prompt_source!r}")
+        _check(self.prompt_source == "synthetic" or bool(self.prompts_path), f"{name}.prompts_path",
+               f"must be set for prompt_source={self.prompt_source!r}")
+        _check(bool(self.prompt_column), f"{name}.prompt_column", "must not be empty")
+        _check(self.num_prompts >= 0, f"{name}.num_prompts", "must be >= 0 (0 = all)")
+
+
+@dataclass
+class TrainCLIPConfig:
+    """CLIP for reranking, trained contrastively on the raw shards with Ray Train (DDP)."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    batch_size: int = 64  # per worker; every other row of the batch is a negative
+    max_steps: int = 300
+    log_every: int = 20
+    eval_fraction: float = 0.1  # rows held out (by key hash) for retrieval accuracy
+    eval_max_rows: int = 512  # retrieval is measured among this many held-out pairs at most
+    seed: int = 0
+    max_failures: int = 0
+    run_name: str = "clip"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=5e-4, warmup_steps=20))
+
+    def validate(self, name: str = "train_clip") -> None:
+        for key in ("num_workers", "batch_size", "max_steps", "log_every", "eval_max_rows"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.batch_size >= 2, f"{name}.batch_size", "must be >= 2: a contrastive batch needs negatives")
+        _check(self.cpus_per_worker > 0, f"{name}.cpus_per_worker", "must be > 0")
+        _check(0 < self.eval_fraction < 1, f"{name}.eval_fraction", f"must be in (0, 1), got {self.eval_fraction}")
+        _check(self.max_failures >= -1, f"{name}.max_failures", "must be >= -1 (-1 retries forever)")
+        _check(bool(self.run_name), f"{name}.run_name", "must not be empty")
+
+
+@dataclass
+class TrainVAEConfig:
+    """Stage one: the dVAE on raw shards with Ray Train (DDP). The Gumbel-softmax temperature anneals from
+    ``vae.temperature`` by ``exp(-anneal_rate * step)`` down to ``temperature_min``; ``vae.kl_div_loss_weight``
+    weighs the KL term."""
+
+    num_workers: int = 1
+    cpus_per_worker: float = 1.0
+    use_gpu: bool = False
+    batch_size: int = 32  # per worker
+    max_steps: int = 500
+    log_every: int = 20
+    sample_every: int = 100  # reconstruction PNG grid (originals over reconstructions)
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    temperature_min: float = 0.5
+    anneal_rate: float = 1e-3
+    seed: int = 0
+    max_failures: int = 1
+    run_name: str = "vae"
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=20,
+                                                                    grad_clip=0.0))
+
+    def validate(self, name: str = "train_vae") -> None:
+        for key in ("num_workers", "batch_size", "max_steps", "log_every", "sample_every", "checkpoint_every",
+                    "keep_checkpoints"):
+            _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
+        _check(self.cpus_per_worker > 0, f"{name}.cpus_per_worker", "must be > 0")
+        _check(self.temperature_min > 0, f"{name}.temperature_min", f"must be > 0, got {self.temperature_min}")
+        _check(self.anneal_rate >= 0, f"{name}.anneal_rate", "must be >= 0 (0 keeps vae.temperature)")
+        _check(self.max_failures >= -1, f"{name}.max_failures", "must be >= -1 (-1 retries forever)")
+        _check(bool(self.run_name), f"{name}.run_name", "must not be empty")
 
 
 @dataclass
@@ -375,6 +541,11 @@ class Config:
     clip: CLIPConfig = field(default_factory=CLIPConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    train_clip: TrainCLIPConfig = field(default_factory=TrainCLIPConfig)
+    train_vae: TrainVAEConfig = field(default_factory=TrainVAEConfig)
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    pretokenize: PretokenizeConfig = field(default_factory=PretokenizeConfig)
 
     @classmethod
     def load(cls, path: str | Path | None = None, overrides: dict[str, Any] | None = None) -> Config:

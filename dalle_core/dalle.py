@@ -156,7 +156,7 @@ class Block(nn.Module):
             h = self._shift(h, hist, offsets)
         q, k, v = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if "cos" in tables:
-            cos, sin = tables["cos"][pos], tables["sin"][pos]
+            cos, sin = tables["cos"][pos].to(q.dtype), tables["sin"][pos].to(q.dtype)  # bf16/fp16 engines
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             cache.k[:, :, start:start + n] = k

@@ -1,0 +1,199 @@
+"""Generation throughput: batched cached sampling with and without guidance, and the Serve job end to end.
+
+    python benchmarks/bench_generate.py [--config configs/tiny.yaml] [--checkpoint ...] [--device cpu|cuda]
+        [--batches 1 8 32] [--prompts 32] [--skip-serve]
+
+Prints JSON: image tokens/s per batch size for ``cond_scale`` 1 and guided, the guidance cost ratio (target
+<= 1.6: both branches share one batched pass), and prompts/s of the evaluation job through Ray Serve versus a
+plain Ray Data actor pool running the same generate/score code over the same prompts. Untrained models of the
+config's sizes are used unless checkpoints are given (throughput does not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import socket
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dalle_core.checkpoint import save_model
+from dalle_core.clip import CLIP
+from dalle_core.config import Config
+from dalle_core.dalle import DALLE
+from dalle_core.sampling import PromptChecker
+from dalle_core.tokenizer import BPETokenizer
+from dalle_core.vae import DiscreteVAE
+
+
+def sampling_rate(model: DALLE, batch: int, cond_scale: float, device: str, repeats: int) -> float:
+    """Median image tokens/s of ``generate_image_codes`` at one batch size (after one warm-up call)."""
+    text = torch.randint(1, model.config.num_text_tokens, (batch, model.config.text_seq_len), device=device)
+    times = []
+    for i in range(repeats + 1):
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.generate_image_codes(text, cond_scale=cond_scale, top_k=0.9, use_cache=True,
+                                   generator=torch.Generator(device).manual_seed(i))
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        if i:
+            times.append(time.perf_counter() - start)
+    return batch * model.config.image_seq_len / statistics.median(times)
+
+
+def bench_sampling(config: Config, checkpoint: str | None, device: str, batches: list[int], repeats: int,
+                   guided_scale: float) -> dict[str, Any]:
+    from dalle_core.checkpoint import load_model
+
+    model = (load_model(checkpoint, device) if checkpoint else DALLE(config.dalle)).to(device).eval()
+    out: dict[str, Any] = {"guided_cond_scale": guided_scale, "by_batch": {}}
+    for batch in batches:
+        plain = sampling_rate(model, batch, 1.0, device, repeats)
+        guided = sampling_rate(model, batch, guided_scale, device, repeats)
+        out["by_batch"][str(batch)] = {"unguided_tokens_per_s": plain, "guided_tokens_per_s": guided,
+                                       "guidance_cost_ratio": plain / guided}
+    out["max_guidance_cost_ratio"] = max(v["guidance_cost_ratio"] for v in out["by_batch"].values())
+    out["guidance_target_met"] = out["max_guidance_cost_ratio"] <= 1.6
+    return out
+
+
+def write_models(config: Config, folder: Path) -> Config:
+    """Untrained models of the config's sizes + a tokenizer on synthetic captions, where paths expect them."""
+    from pipelines import synthetic
+
+    config = Config.load(None, {"paths.root": str(folder), **_flatten(config)})
+    paths = config.paths.resolved()
+    captions = [synthetic.caption_for(synthetic.Attributes(c, s, z, p), i) for i, (c, s, z, p) in enumerate(
+        (c, s, z, p) for c in synthetic.COLORS for s in synthetic.SHAPES for z in synthetic.SIZES
+        for p in synthetic.POSITIONS)]
+    BPETokenizer.train(captions, paths.tokenizer, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
+    torch.manual_seed(0)
+    save_model(DiscreteVAE(config.vae), paths.vae)
+    save_model(CLIP(config.clip), paths.clip)
+    save_model(DALLE(config.dalle), f"{paths.runs}/{config.train.run_name}/checkpoint_00000001/model.pt")
+    return config
+
+
+def _flatten(config: Config) -> dict[str, Any]:
+    from dalle_core.config import to_dict
+
+    derived = {"dalle": {"num_text_tokens", "text_seq_len", "num_image_tokens", "image_fmap_size"},
+               "clip": {"num_text_tokens", "text_seq_len", "image_size", "channels"}}
+    flat = {}
+    for section, values in to_dict(config).items():
+        if section == "paths":
+            continue
+        for key, value in values.items():
+            if key not in derived.get(section, ()):
+                flat[f"{section}.{key}"] = value
+    return flat
+
+
+def local_client_class():
+    """A plain Ray Data actor that loads the models itself and runs the Serve deployments' batch functions:
+    the same work as the Serve path without Serve's request routing and batching queues."""
+    from pipelines.evaluation import ServeClient
+    from pipelines.serve_app import ModelPaths, generate_batch, score_batch
+
+    class LocalClient(ServeClient):
+        def __init__(self, paths: ModelPaths, config: Config, **kwargs: Any) -> None:
+            from dalle_core.checkpoint import load_model
+            from dalle_core.sampling import load_generator
+
+            self.output, self.n, self.top = kwargs["output"], kwargs["num_candidates"], kwargs["top_images"]
+            self.seed, self.settings, self.sampling = kwargs["seed"], kwargs["settings"], config.sampling
+            self.model = load_generator(paths.checkpoint, paths.vae)
+            self.checker = PromptChecker(BPETokenizer.load(paths.tokenizer, config.tokenizer.text_seq_len))
+            self.clip = load_model(paths.clip)
+
+        def _generate(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+            requests = [{"prompt": r["prompt"], "key": r["key"], "num_candidates": self.n} for r in records]
+            return generate_batch(self.model, self.checker, self.sampling, requests)
+
+        def _score(self, gens: list[dict[str, Any]]) -> list[list[float] | None]:
+            ok = [g for g in gens if g["images"] is not None]
+            scores = iter(score_batch(self.clip, ok) if ok else [])
+            return [next(scores) if g["images"] is not None else None for g in gens]
+
+    return LocalClient
+
+
+def bench_end_to_end(config: Config, num_prompts: int, workdir: Path) -> dict[str, Any]:
+    """The same prompts through the Serve job and through a plain actor pool (one actor per Generator
+    replica, batches of ``evaluate.max_batch_size`` prompts)."""
+    import ray
+
+    from pipelines.evaluation import client_kwargs, load_prompts, resolve_model_paths, run_evaluation, stream_prompts
+
+    config = Config.load(None, {"paths.root": str(workdir), **_flatten(config), "evaluate.num_prompts": num_prompts,
+                                "evaluate.prompt_source": "synthetic", "evaluate.http_port": _free_port()})
+    paths = resolve_model_paths(config)
+    prompts = load_prompts(config)
+    ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    try:
+        serve_metrics = run_evaluation(config, paths, str(workdir / "serve_out"), prompts)
+        ev = config.evaluate
+        start = time.perf_counter()
+        kwargs = dict(client_kwargs(config, str(workdir / "plain_out")), paths=paths, config=config)
+        results = stream_prompts(prompts, local_client_class(), kwargs, ev.max_batch_size, ev.generator_replicas,
+                                 num_cpus=ev.generator_num_cpus, num_gpus=ev.generator_num_gpus)
+        plain_s = time.perf_counter() - start
+    finally:
+        ray.shutdown()
+    return {
+        "num_prompts": len(prompts), "num_candidates": config.sampling.num_candidates,
+        "serve": {"prompts_per_s": serve_metrics["prompts_per_s"], "startup_s": serve_metrics["serve_startup_s"],
+                  "generation_s": serve_metrics["generation_s"]},
+        "plain_actor_pool": {"prompts_per_s": len(prompts) / plain_s, "total_s_including_actor_start": plain_s,
+                             "rows": len(results)},
+        "serve_over_plain_throughput": serve_metrics["prompts_per_s"] / (len(prompts) / plain_s),
+    }
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default="configs/tiny.yaml")
+    parser.add_argument("--checkpoint", help="DALLE model file for the sampling benchmark (default: untrained)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--batches", type=int, nargs="+", default=[1, 8, 32])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--cond-scale", type=float, default=3.0)
+    parser.add_argument("--prompts", type=int, default=32, help="prompts for the end-to-end comparison")
+    parser.add_argument("--skip-serve", action="store_true")
+    parser.add_argument("--out", help="also write the JSON here")
+    args = parser.parse_args()
+
+    config = Config.load(args.config)
+    torch.manual_seed(0)
+    report: dict[str, Any] = {"device": args.device, "threads": torch.get_num_threads(),
+                              "dalle": {"dim": config.dalle.dim, "depth": config.dalle.depth,
+                                        "image_seq_len": config.dalle.image_seq_len}}
+    report["sampling"] = bench_sampling(config, args.checkpoint, args.device, args.batches, args.repeats,
+                                        args.cond_scale)
+    if not args.skip_serve:
+        with tempfile.TemporaryDirectory() as tmp:
+            write_models(config, Path(tmp))
+            report["end_to_end"] = bench_end_to_end(config, args.prompts, Path(tmp))
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(text)
+
+
+if __name__ == "__main__":
+    main()

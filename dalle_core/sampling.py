@@ -1,0 +1,228 @@
+"""Prompt -> images in pure torch: check and tokenise prompts, sample codes, decode, score, lay out a grid.
+
+Shared by ``jobs/generate.py`` (one-off, no Ray) and the Serve Generator/Scorer deployments, so a prompt gives
+the same pictures whichever path runs it. Prompts the model cannot see faithfully (empty, longer than
+``text_seq_len``, characters outside the BPE vocabulary) get a status instead of an exception, because a batch
+job must record them and go on.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import io
+from dataclasses import dataclass, field
+
+import fsspec
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+
+from dalle_core.config import SamplingConfig
+from dalle_core.tokenizer import BPETokenizer, normalize_caption
+
+STATUS_OK = "ok"
+STATUS_EMPTY = "empty"
+STATUS_TOO_LONG = "too_long"
+STATUS_UNKNOWN_CHARS = "unknown_chars"
+STATUS_ERROR = "error"
+MODEL_FILE = "model.pt"  # consolidated weights inside each Ray Train checkpoint (pipelines/train_loop.py)
+
+
+@dataclass
+class PromptCheck:
+    """One prompt after checking: ``text_ids`` are set (unpadded) only when ``status`` is ``ok``."""
+
+    prompt: str
+    status: str
+    detail: str = ""
+    text_ids: list[int] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return self.status == STATUS_OK
+
+
+class PromptChecker:
+    """Classifies prompts against one tokenizer. Truncation and unknown characters are rejected rather than
+    generated, since the picture would then answer a different caption than the one recorded."""
+
+    def __init__(self, tokenizer: BPETokenizer) -> None:
+        self.tokenizer = tokenizer
+        self._untruncated = copy.copy(tokenizer)  # same model, no length cap: tells "too long" apart
+        self._untruncated.text_seq_len = 1 << 30
+        pieces = (tokenizer.decode([i]) for i in range(len(BPETokenizer.SPECIAL_IDS), tokenizer.vocab_size))
+        self.known_chars = set("".join(pieces)) | {" "}
+
+    def check(self, prompts: list[str]) -> list[PromptCheck]:
+        out = []
+        for prompt in prompts:
+            if not isinstance(prompt, str):
+                out.append(PromptCheck(str(prompt), STATUS_EMPTY, f"not a string: {type(prompt).__name__}"))
+                continue
+            text = normalize_caption(prompt)
+            if not text:
+                out.append(PromptCheck(prompt, STATUS_EMPTY, "prompt is empty after normalisation"))
+                continue
+            ids = self._untruncated.encode([text])[0]
+            if BPETokenizer.UNK_ID in ids:
+                unknown = "".join(sorted(set(text) - self.known_chars)) or "?"
+                out.append(PromptCheck(prompt, STATUS_UNKNOWN_CHARS,
+                                       f"the tokenizer cannot represent {unknown!r}"))
+            elif len(ids) > self.tokenizer.text_seq_len:
+                out.append(PromptCheck(prompt, STATUS_TOO_LONG,
+                                       f"{len(ids)} tokens > text_seq_len={self.tokenizer.text_seq_len}"))
+            else:
+                out.append(PromptCheck(prompt, STATUS_OK, "", ids))
+        return out
+
+
+def pad_ids(rows: list[list[int]], text_seq_len: int) -> Tensor:
+    """Unpadded id lists -> ``[B, text_seq_len]`` long with 0 = pad."""
+    out = torch.zeros(len(rows), text_seq_len, dtype=torch.long)
+    for i, row in enumerate(rows):
+        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
+    return out
+
+
+def batch_seed(base_seed: int, keys: list[str]) -> int:
+    """A sampling seed for one batched pass, fixed by the base seed and the prompts it holds (so a rerun with
+    the same batches draws the same pictures, and the seed is worth recording)."""
+    digest = hashlib.sha256(f"{base_seed}|{'|'.join(keys)}".encode()).digest()
+    return int.from_bytes(digest[:6], "little")
+
+
+def to_uint8(images: Tensor) -> np.ndarray:
+    """Float ``[..., C, H, W]`` in [0, 1] -> uint8 ``[..., H, W, C]`` (what PNGs and transport want)."""
+    return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
+
+
+def from_uint8(images: np.ndarray) -> Tensor:
+    """uint8 ``[..., H, W, C]`` -> float ``[..., C, H, W]`` in [0, 1]."""
+    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 255
+
+
+def png_bytes(image: np.ndarray) -> bytes:
+    """One uint8 ``[H, W, C]`` picture as PNG bytes."""
+    buf = io.BytesIO()
+    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_grid(rows: list[list[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:
+    """Tiles uint8 ``[H, W, C]`` pictures, one list per grid row (short rows stay blank), with white gaps;
+    ``scale`` enlarges tiny pictures by pixel repetition so a 32px grid is readable."""
+    tiles = [img for row in rows for img in row]
+    if not tiles:
+        raise ValueError("make_grid needs at least one picture")
+    h, w, c = tiles[0].shape
+    h, w = h * scale, w * scale
+    ncols = max(len(row) for row in rows)
+    grid = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
+    for r, row in enumerate(rows):
+        for col, img in enumerate(row):
+            big = img.repeat(scale, 0).repeat(scale, 1)
+            y, x = pad + r * (h + pad), pad + col * (w + pad)
+            grid[y:y + h, x:x + w] = big
+    return grid
+
+
+class ImageGenerator:
+    """A DALLE + dVAE decoder pair: text ids -> ``num_candidates`` pictures per prompt in one batched pass."""
+
+    def __init__(self, dalle: torch.nn.Module, vae: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+        d, v = dalle.config, vae.config
+        checks = [("dalle.num_image_tokens", d.num_image_tokens, "vae.num_tokens", v.num_tokens),
+                  ("dalle.image_seq_len", d.image_seq_len, "vae.image_seq_len", v.image_seq_len)]
+        for left, a, right, b in checks:
+            if a != b:
+                raise ValueError(f"checkpoint mismatch: {left}={a} but {right}={b}")
+        self.device = torch.device(device)
+        self.dalle = dalle.to(self.device).eval()
+        self.vae = vae.to(self.device).eval()
+        self.text_seq_len = d.text_seq_len
+
+    def check_tokenizer(self, tokenizer: BPETokenizer) -> None:
+        """The tokenizer must produce the ids the checkpoint was trained on."""
+        d = self.dalle.config
+        if tokenizer.text_seq_len != d.text_seq_len:
+            raise ValueError(f"tokenizer text_seq_len={tokenizer.text_seq_len} but dalle.text_seq_len="
+                             f"{d.text_seq_len}")
+        if tokenizer.vocab_size > d.num_text_tokens:
+            raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} > dalle.num_text_tokens="
+                             f"{d.num_text_tokens}")
+
+    @torch.no_grad()
+    def generate(self, text_ids: Tensor, num_candidates: int, sampling: SamplingConfig, seed: int) -> Tensor:
+        """``text_ids [P, T]`` -> float pictures ``[P, num_candidates, C, H, W]`` in [0, 1]. Every candidate of
+        every prompt is a row of one cached (and, with ``cond_scale != 1``, guided) sampling pass."""
+        rows = text_ids.to(self.device).repeat_interleave(num_candidates, dim=0)
+        generator = torch.Generator(self.device).manual_seed(seed)
+        codes = self.dalle.generate_image_codes(rows, temperature=sampling.temperature, top_k=sampling.top_k,
+                                                cond_scale=sampling.cond_scale, use_cache=True,
+                                                generator=generator)
+        images = self.vae.decode(codes)
+        return images.view(text_ids.shape[0], num_candidates, *images.shape[1:])
+
+
+@torch.no_grad()
+def score_candidates(scorer: torch.nn.Module, text_ids: Tensor, images: Tensor) -> Tensor:
+    """CLIP scores ``[P, N]`` of each prompt ``text_ids [P, T]`` against its candidates ``[P, N, C, H, W]``."""
+    p, n = images.shape[:2]
+    device = next(scorer.parameters()).device
+    rows = text_ids.to(device).repeat_interleave(n, dim=0)
+    return scorer.score(rows, images.to(device).flatten(0, 1)).view(p, n).float().cpu()
+
+
+def rank_order(scores: Tensor) -> Tensor:
+    """Candidate indices best first, per prompt (stable, so ties keep generation order)."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def load_generator(checkpoint: str, vae_path: str, device: str | torch.device = "cpu") -> ImageGenerator:
+    """Loads the self-describing DALLE and dVAE checkpoints (local or fsspec URLs) into an ImageGenerator."""
+    from dalle_core.checkpoint import load_model
+
+    return ImageGenerator(load_model(checkpoint, map_location=device), load_model(vae_path, map_location=device),
+                          device)
+
+
+@dataclass
+class RankedPrompt:
+    """One prompt's outcome: its check, the candidates (uint8 ``[N, H, W, C]``), CLIP scores, best-first order."""
+
+    check: PromptCheck
+    images: np.ndarray | None = None
+    scores: list[float] | None = None
+    order: list[int] | None = None
+    seed: int | None = None
+
+
+def generate_prompt(generator: ImageGenerator, tokenizer: BPETokenizer, prompt: str, num_candidates: int,
+                    sampling: SamplingConfig, scorer: torch.nn.Module | None = None) -> RankedPrompt:
+    """Check -> tokenise -> sample -> decode -> (optionally) score and rank one prompt; seeded by
+    ``sampling.seed`` alone, so the same prompt and settings give the same pictures."""
+    check = PromptChecker(tokenizer).check([prompt])[0]
+    if not check.ok:
+        return RankedPrompt(check)
+    text = pad_ids([check.text_ids], generator.text_seq_len)
+    images = generator.generate(text, num_candidates, sampling, sampling.seed)
+    result = RankedPrompt(check, to_uint8(images[0]), seed=sampling.seed)
+    if scorer is not None:
+        scores = score_candidates(scorer, text, images)
+        result.scores, result.order = scores[0].tolist(), rank_order(scores)[0].tolist()
+    else:
+        result.order = list(range(num_candidates))
+    return result
+
+
+def latest_checkpoint(runs_dir: str, run_name: str) -> str:
+    """Newest ``<runs>/<run_name>/checkpoint_*/model.pt`` (checkpoint folders sort by step)."""
+    fs, root = fsspec.core.url_to_fs(f"{runs_dir.rstrip('/')}/{run_name}")
+    found = sorted(fs.glob(f"{root}/checkpoint_*/{MODEL_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"no DALLE checkpoint ({MODEL_FILE}) under {runs_dir.rstrip('/')}/{run_name}; "
+                                "train first or pass --checkpoint")
+    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
+    return found[-1] if protocol in ("file", "local") else f"{protocol}://{found[-1]}"

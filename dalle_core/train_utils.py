@@ -1,0 +1,125 @@
+"""Model-agnostic training maths shared by the Ray Train jobs and the bare benchmark loop (pure torch).
+
+Kept apart from the Ray glue so the LR schedule, optimiser grouping, batch collation and MFU arithmetic
+are the same numbers whether a step runs under DeepSpeed in a Ray worker or in a plain loop.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import sys
+import time
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from dalle_core.config import OptimConfig
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps`` (held there after).
+
+    ``step`` counts optimiser steps already taken, so step 0 (the first update) gets a small non-zero
+    LR instead of wasting a step at LR 0.
+    """
+    if warmup_steps > 0 and step < warmup_steps:
+        return (step + 1) / warmup_steps
+    decay_steps = max(1, total_steps - warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / decay_steps)
+    return min_lr_ratio + (1.0 - min_lr_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+class WarmupCosine:
+    """Picklable LR lambda (LambdaLR stores callable objects' ``__dict__`` in its state_dict)."""
+
+    def __init__(self, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> None:
+        self.warmup_steps = warmup_steps
+        self.total_steps = total_steps
+        self.min_lr_ratio = min_lr_ratio
+
+    def __call__(self, step: int) -> float:
+        return lr_multiplier(step, self.warmup_steps, self.total_steps, self.min_lr_ratio)
+
+
+def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """torch AdamW with weight decay on matrices only: decaying biases, norms and 1-D gains hurts."""
+    decay, no_decay = [], []
+    for param in model.parameters():
+        if param.requires_grad:
+            (decay if param.ndim >= 2 else no_decay).append(param)
+    groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
+                   total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warmup + cosine as a LambdaLR, stepped once per optimiser step."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, WarmupCosine(optim.warmup_steps, total_steps, optim.min_lr_ratio))
+
+
+def collate_tokens(text_ids: Sequence[Sequence[int]], image_codes: Sequence[Sequence[int]] | np.ndarray,
+                   text_seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-shard rows -> (text [B, text_seq_len] long with 0 = pad, codes [B, image_seq_len] long).
+
+    Text is stored unpadded with variable length, so it is truncated and right-padded here; codes are a
+    fixed-size list column (uint16 on disk) and only need stacking and widening.
+    """
+    text = np.zeros((len(text_ids), text_seq_len), dtype=np.int64)
+    for i, ids in enumerate(text_ids):
+        ids = np.asarray(ids, dtype=np.int64)[:text_seq_len]
+        text[i, : len(ids)] = ids
+    codes = np.stack([np.asarray(c, dtype=np.int64) for c in image_codes]) if len(image_codes) else \
+        np.zeros((0, 0), dtype=np.int64)
+    return torch.from_numpy(text), torch.from_numpy(codes)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
+    """Model FLOPs utilisation: achieved training FLOP/s over the hardware peak of the workers used."""
+    return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
+
+
+def measure_peak_flops(device: torch.device | str = "cpu", size: int = 512, seconds: float = 0.3,
+                       dtype: torch.dtype = torch.float32) -> float:
+    """Dense-matmul FLOP/s this process reaches now: the practical peak when no spec-sheet number is given.
+
+    Measured rather than assumed because CPU peaks depend on cores, SIMD width and what else is running.
+    """
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b  # warm-up: first call pays for thread-pool and kernel selection
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        if torch.device(device).type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2.0 * size**3 * count / elapsed
+
+
+def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
+    """Peak memory of this worker: allocator peak on GPU, resident set high-water mark on CPU."""
+    if torch.device(device).type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(rss if sys.platform == "darwin" else rss * 1024)
+
+
+def annealed_temperature(step: int, start: float, rate: float, minimum: float) -> float:
+    """Gumbel-softmax temperature for the dVAE: ``start * exp(-rate * step)``, floored at ``minimum``
+    (high early so every code gets gradient, low late so samples approach the hard argmax)."""
+    return max(start * math.exp(-rate * step), minimum)
+
+
+def image_grid(rows: Sequence[torch.Tensor]) -> np.ndarray:
+    """Equal-sized image batches ``[N, C, H, W]`` in [0, 1] -> one uint8 picture ``[rows*H, N*W, C]``,
+    one batch per row (e.g. originals above their reconstructions)."""
+    stacked = torch.stack([r.detach().float().clamp(0, 1).cpu() for r in rows])  # [R, N, C, H, W]
+    r, n, c, h, w = stacked.shape
+    grid = stacked.permute(0, 3, 1, 4, 2).reshape(r * h, n * w, c)
+    return (grid * 255).round().to(torch.uint8).numpy()

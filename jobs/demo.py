@@ -1,0 +1,112 @@
+"""The whole chain, one stage after another, on one Ray cluster: data -> BPE -> dVAE -> pretokenize -> DALLE
+-> CLIP -> evaluation. Each stage is the job of the same name in jobs/, run as its own process.
+
+    python jobs/demo.py --config configs/tiny.yaml                        # built-in synthetic set, local
+    python jobs/demo.py --source folder --input data/pictures --root s3://bucket/dalle-run
+
+``--root`` moves every artifact (local folder or s3://); ``--source``/``--input`` replace the synthetic set
+by real data ingested through jobs/ingest.py. Without ``RAY_ADDRESS`` a local Ray is started for the chain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from dalle_core.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError, load_yaml  # noqa: E402
+
+
+def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:
+    """(name, command) for every stage, in order."""
+    cfg = ["--config", config_path]
+    if args.input:
+        data = ["ingest.py", *cfg, "--source", args.source, "--input", args.input]
+    else:
+        data = ["make_synthetic.py", *cfg]
+    chain = [
+        ("data", data),
+        ("tokenizer", ["train_tokenizer.py", *cfg]),
+        ("dvae", ["train_vae.py", *cfg]),
+        ("pretokenize", ["pretokenize.py", *cfg]),
+        ("dalle", ["train.py", *cfg]),
+        ("clip", ["train_clip.py", *cfg]),
+        ("evaluate", ["evaluate.py", *cfg]),
+    ]
+    return [(name, [sys.executable, str(REPO / "jobs" / cmd[0]), *cmd[1:]]) for name, cmd in chain]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--root", help="where every artifact goes, local or s3:// (paths.root)")
+    parser.add_argument("--source", choices=INGEST_SOURCES, default="folder", help="kind of --input")
+    parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
+    parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
+    parser.add_argument("--num-cpus", type=int, default=8,
+                        help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
+                             "Ray Data)")
+    args = parser.parse_args(argv)
+
+    data = load_yaml(args.config)
+    if args.root:
+        data.setdefault("paths", {})["root"] = args.root
+    try:  # fail on any mistake before a process starts
+        config = Config.load(args.config, {"paths.root": args.root} if args.root else None)
+    except ConfigError as exc:
+        print(f"demo: {exc}", file=sys.stderr)
+        return 2
+    workdir = Path(tempfile.mkdtemp(prefix="dalle-demo-"))
+    config_path = str(workdir / "config.yaml")
+    Path(config_path).write_text(yaml.safe_dump(data, sort_keys=False))
+    chain = stages(args, config_path)
+    names = [name for name, _ in chain]
+    if args.from_stage:
+        if args.from_stage not in names:
+            print(f"demo: --from-stage must be one of {names}", file=sys.stderr)
+            return 2
+        chain = chain[names.index(args.from_stage):]
+
+    env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), NO_ALBUMENTATIONS_UPDATE="1")
+    cluster = None
+    if "RAY_ADDRESS" not in os.environ:
+        import ray
+
+        os.environ.update({k: env[k] for k in ("DS_ACCELERATOR", "NO_ALBUMENTATIONS_UPDATE")})
+        cluster = ray.init(num_cpus=args.num_cpus)
+        env["RAY_ADDRESS"] = cluster.address_info["gcs_address"]
+    timings = {}
+    try:
+        for name, command in chain:
+            print(f"\n=== [{len(timings) + 1}/{len(chain)}] {name}: {' '.join(command[1:])}", flush=True)
+            start = time.perf_counter()
+            code = subprocess.call(command, env=env, cwd=REPO)
+            timings[name] = round(time.perf_counter() - start, 1)
+            if code != 0:
+                print(f"demo: stage {name!r} failed with exit code {code}", file=sys.stderr)
+                return code
+    finally:
+        if cluster is not None:
+            import ray
+
+            ray.shutdown()
+    paths = config.paths.resolved()
+    print("\n=== artifacts")
+    for key in ("raw", "tokenizer", "vae", "shards", "runs", "clip", "evaluation"):
+        print(f"{key:>12}: {getattr(paths, key)}")
+    print(f"\n=== seconds per stage: {json.dumps(timings)} (total {sum(timings.values()):.0f})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

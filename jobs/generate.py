@@ -1,0 +1,78 @@
+"""One-off generation without Ray: ``python jobs/generate.py --prompt "a small red circle on the left" -n 8``.
+
+Writes ``<out>/rank<r>_cand<c>.png`` for every candidate (ranked by CLIP when a CLIP checkpoint is found or
+given, else in sampling order) and ``<out>/grid.png``, then prints a JSON summary. Model paths default from
+the config's ``paths`` section (the newest DALLE checkpoint under ``paths.runs``); flags override them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+
+import fsspec
+
+from dalle_core.checkpoint import load_model
+from dalle_core.config import DEFAULT_CONFIG, Config
+from dalle_core.sampling import generate_prompt, latest_checkpoint, load_generator, make_grid, png_bytes
+from dalle_core.tokenizer import BPETokenizer
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--prompt", required=True)
+    parser.add_argument("-n", "--num-candidates", type=int, help="default: sampling.num_candidates")
+    parser.add_argument("--checkpoint", help="DALLE model file; default: newest under paths.runs")
+    parser.add_argument("--vae", help="default: paths.vae")
+    parser.add_argument("--tokenizer", help="default: paths.tokenizer")
+    parser.add_argument("--clip", help="CLIP model file for reranking; default: paths.clip if it exists")
+    parser.add_argument("--no-rerank", action="store_true", help="keep sampling order, load no CLIP")
+    parser.add_argument("--output", help="output folder (local or s3://); default: <paths.evaluation>/generate")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--temperature", type=float)
+    parser.add_argument("--top-k", type=float)
+    parser.add_argument("--cond-scale", type=float)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+
+    overrides = {f"sampling.{k}": v for k, v in (("seed", args.seed), ("temperature", args.temperature),
+                                                ("top_k", args.top_k), ("cond_scale", args.cond_scale),
+                                                ("num_candidates", args.num_candidates)) if v is not None}
+    if args.num_candidates is not None:
+        overrides["sampling.top_images"] = 1  # any n >= 1 is valid here; every candidate is written anyway
+    config = Config.load(args.config, overrides)
+    paths = config.paths.resolved()
+    checkpoint = args.checkpoint or latest_checkpoint(paths.runs, config.train.run_name)
+    generator = load_generator(checkpoint, args.vae or paths.vae, args.device)
+    tokenizer = BPETokenizer.load(args.tokenizer or paths.tokenizer, config.tokenizer.text_seq_len)
+    generator.check_tokenizer(tokenizer)
+    clip_path = None if args.no_rerank else args.clip or paths.clip
+    if clip_path and not args.clip and not fsspec.core.url_to_fs(clip_path)[0].exists(clip_path):
+        clip_path = None  # the default CLIP is optional; an explicit --clip that is missing is an error
+    scorer = load_model(clip_path, map_location=args.device) if clip_path else None
+
+    sampling = config.sampling
+    result = generate_prompt(generator, tokenizer, args.prompt, sampling.num_candidates, sampling, scorer)
+    if not result.check.ok:
+        print(json.dumps({"prompt": args.prompt, "status": result.check.status, "detail": result.check.detail}))
+        return 2
+    out = (args.output or f"{paths.evaluation}/generate").rstrip("/")
+    files = []
+    for rank, cand in enumerate(result.order):
+        files.append(f"{out}/rank{rank}_cand{cand}.png")
+        with fsspec.open(files[-1], "wb") as f:
+            f.write(png_bytes(result.images[cand]))
+    with fsspec.open(f"{out}/grid.png", "wb") as f:
+        f.write(png_bytes(make_grid([[result.images[c] for c in result.order]],
+                                    scale=max(1, 64 // result.images.shape[1]))))
+    print(json.dumps({"prompt": args.prompt, "status": "ok", "checkpoint": checkpoint, "files": files,
+                      "grid": f"{out}/grid.png", "scores": [result.scores[c] for c in result.order]
+                      if result.scores else None, "sampling": dataclasses.asdict(sampling)}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

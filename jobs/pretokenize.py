@@ -1,0 +1,61 @@
+"""Raw shards -> token shards + manifest.json + rejects/ with Ray Data and the frozen dVAE.
+
+    python jobs/pretokenize.py --config configs/tiny.yaml       # paths.raw -> paths.shards
+    ray job submit --working-dir . -- python jobs/pretokenize.py --config configs/large.yaml \\
+        --input s3://bucket/raw --output s3://bucket/shards --concurrency 8 --num-gpus-per-actor 1
+
+A rerun after an interruption finishes only the missing shards; --overwrite starts over. Exits 1 when every
+input pair was rejected (the reasons are printed and kept in <output>/rejects/).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from pipelines.pretokenize import PretokenizeError, run_pretokenize  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
+    parser.add_argument("--output", default=None, help="token shard folder, local or s3:// (paths.shards)")
+    parser.add_argument("--tokenizer", default=None, help="BPE model (paths.tokenizer)")
+    parser.add_argument("--vae", default=None, help="dVAE checkpoint (paths.vae)")
+    parser.add_argument("--batch-size", type=int, default=None, help="pretokenize.batch_size")
+    parser.add_argument("--concurrency", type=int, default=None, help="pretokenize.concurrency (dVAE actors)")
+    parser.add_argument("--num-gpus-per-actor", type=float, default=None, help="pretokenize.num_gpus_per_actor")
+    parser.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+    flags = {"pretokenize.batch_size": args.batch_size, "pretokenize.concurrency": args.concurrency,
+             "pretokenize.num_gpus_per_actor": args.num_gpus_per_actor, "pretokenize.overwrite": args.overwrite}
+    try:
+        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
+    except ConfigError as exc:
+        print(f"pretokenize: {exc}", file=sys.stderr)
+        return 2
+    paths = config.paths.resolved()
+    if not ray.is_initialized():
+        ray.init(address=args.address)
+    try:
+        summary = run_pretokenize(args.input or paths.raw, args.output or paths.shards,
+                                  args.tokenizer or paths.tokenizer, args.vae or paths.vae,
+                                  config.tokenizer.text_seq_len, config.pretokenize)
+    except (PretokenizeError, FileNotFoundError) as exc:
+        print(f"pretokenize: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

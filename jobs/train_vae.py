@@ -1,0 +1,69 @@
+"""Stage one: train the DiscreteVAE on raw shards with Ray Train (DDP).
+
+    python jobs/train_vae.py --config configs/tiny.yaml                   # paths.raw -> paths.vae
+    ray job submit --working-dir . -- python jobs/train_vae.py --config configs/tiny.yaml
+
+Checkpoints, metrics.jsonl, TensorBoard and reconstruction grids (samples/*.png) go to
+<storage-path>/<run-name>; the final self-describing dVAE is copied to --output (paths.vae). Rerunning with
+the same run name resumes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import ray  # noqa: E402
+
+from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from pipelines import storage  # noqa: E402
+from pipelines.raw import list_raw_shards  # noqa: E402
+from pipelines.train_loop import run_dir  # noqa: E402
+from pipelines.train_vae_loop import build_vae_trainer  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
+    parser.add_argument("--output", default=None, help="final dVAE checkpoint (paths.vae)")
+    parser.add_argument("--storage-path", default=None, help="run storage (paths.runs)")
+    parser.add_argument("--run-name", default=None, help="run name; the same name resumes (train_vae.run_name)")
+    parser.add_argument("--num-workers", type=int, default=None, help="train_vae.num_workers")
+    parser.add_argument("--max-steps", type=int, default=None, help="train_vae.max_steps")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    args = parser.parse_args(argv)
+    flags = {"train_vae.num_workers": args.num_workers, "train_vae.max_steps": args.max_steps}
+    try:
+        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
+        paths = config.paths.resolved()
+        raw = args.input or paths.raw
+        list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
+    except (ConfigError, FileNotFoundError) as exc:
+        print(f"train_vae: {exc}", file=sys.stderr)
+        return 2
+    output = args.output or paths.vae
+    storage_path = args.storage_path or paths.runs
+    name = args.run_name or config.train_vae.run_name
+
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not ray.is_initialized():  # tests and notebooks may have connected already
+        ray.init(address=address) if address else ray.init()
+    ray.data.DataContext.get_current().enable_progress_bars = False
+    result = build_vae_trainer(config, raw=raw, storage_path=storage_path, run_name=name).fit()
+    with result.checkpoint.as_directory() as ckpt:
+        storage.write_bytes(output, Path(ckpt, "vae.pt").read_bytes())
+    where = run_dir(storage_path, name)
+    print(f"run directory:  {where} (metrics.jsonl, tensorboard/, samples/*.png)")
+    print(f"checkpoint:     {where}/{os.path.basename(result.checkpoint.path)}")
+    print(f"dVAE:           {output}")
+    print(f"final metrics:  {result.metrics}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The token-shard contract: Arrow schemas, ``manifest.json``, and the check training runs before it starts.
+
+Output of pretokenize (``<out>`` local or fsspec URL)::
+
+    <out>/manifest.json
+    <out>/data/<input-stem>.parquet      key, caption, text_ids list<int32>, image_codes
+                                         fixed_size_list<uint16>[image_seq_len], source
+    <out>/rejects/<input-stem>.parquet   key, source, reason, detail
+
+Manifest shard paths are relative to ``<out>``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pyarrow as pa
+
+from dalle_core.config import ConfigError, DALLEConfig
+from pipelines import storage
+
+SCHEMA_VERSION = 1
+MANIFEST_NAME = "manifest.json"
+DATA_DIR = "data"
+REJECTS_DIR = "rejects"
+HISTOGRAM_KEY = b"dalle.codebook_histogram"  # per-shard code counts, in each data file's footer
+
+REJECT_SCHEMA = pa.schema([
+    pa.field("key", pa.string()),
+    pa.field("source", pa.string()),
+    pa.field("reason", pa.string()),
+    pa.field("detail", pa.string()),
+])
+
+
+def token_schema(image_seq_len: int) -> pa.Schema:
+    return pa.schema([
+        pa.field("key", pa.string()),
+        pa.field("caption", pa.string()),
+        pa.field("text_ids", pa.list_(pa.int32())),
+        pa.field("image_codes", pa.list_(pa.uint16(), image_seq_len)),
+        pa.field("source", pa.string()),
+    ])
+
+
+def read_manifest(path: str) -> dict[str, Any]:
+    """Reads ``manifest.json`` (give the file or the folder holding it)."""
+    if not path.rstrip("/").endswith(".json"):
+        path = storage.join(path, MANIFEST_NAME)
+    if not storage.exists(path):
+        raise FileNotFoundError(f"no token-shard manifest at {path}: run jobs/pretokenize.py first")
+    return storage.read_json(path)
+
+
+def check_manifest(manifest: dict[str, Any], dalle_config: DALLEConfig, *, tokenizer_hash: str | None = None,
+                   vae_hash: str | None = None) -> None:
+    """Raises ConfigError naming the first field where the shards and the model disagree.
+
+    Sequence lengths and the codebook size must match exactly; the tokenizer's real vocabulary may be smaller
+    than ``dalle.num_text_tokens`` (a small corpus runs out of merges) but never larger. The hashes, when
+    given, pin the exact tokenizer model and dVAE checkpoint the shards were made with."""
+    version = manifest.get("schema_version")
+    if version != SCHEMA_VERSION:
+        raise ConfigError(f"manifest.schema_version={version} but this code reads version {SCHEMA_VERSION}; "
+                          "rerun jobs/pretokenize.py --overwrite")
+    exact = (
+        ("image_seq_len", manifest["image_seq_len"], "image_seq_len", dalle_config.image_seq_len),
+        ("text_seq_len", manifest["text_seq_len"], "text_seq_len", dalle_config.text_seq_len),
+        ("codebook_size", manifest["codebook_size"], "num_image_tokens", dalle_config.num_image_tokens),
+    )
+    for field, have, model_field, want in exact:
+        if have != want:
+            raise ConfigError(f"manifest.{field}={have} but dalle.{model_field}={want}")
+    vocab = manifest["tokenizer"]["vocab_size"]
+    if vocab > dalle_config.num_text_tokens:
+        raise ConfigError(f"manifest.tokenizer.vocab_size={vocab} but dalle.num_text_tokens="
+                          f"{dalle_config.num_text_tokens}: text ids would fall outside the embedding")
+    for field, have, want in (("tokenizer.model_hash", manifest["tokenizer"]["model_hash"], tokenizer_hash),
+                              ("vae.checkpoint_hash", manifest["vae"]["checkpoint_hash"], vae_hash)):
+        if want is not None and have != want:
+            raise ConfigError(f"manifest.{field}={have[:12]}... but the model file has {want[:12]}...")

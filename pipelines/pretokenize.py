@@ -1,0 +1,355 @@
+"""Raw shards -> token shards: decode, RGB, resize + centre-crop, BPE ids, frozen-dVAE codes (Ray Data).
+
+Stages: ``read_parquet`` -> :func:`preprocess_batch` (CPU tasks: image decode and caption tokenization) ->
+:class:`DVAEEncoder` (an actor pool, each actor holding the dVAE once; on a GPU cluster each takes a GPU) ->
+the driver, which groups rows by the raw shard they came from and writes one token shard and one reject file
+per raw shard as soon as all its rows are in.
+
+Why per raw shard: output names follow input names, every file is written whole (see :mod:`pipelines.storage`),
+and the data file goes last, so it marks its input as done. A rerun skips inputs whose data file is complete and
+redoes the rest: it finishes only the missing output and cannot duplicate a key. ``overwrite`` starts over.
+
+Nothing is silently lost: a row either becomes a token row or a reject with a reason (upstream img2dataset
+failures keep their status as the reason: ``failed_to_download``, ``failed_to_resize``...).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any
+
+import cv2
+import fsspec
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from dalle_core.checkpoint import load_model
+from dalle_core.config import PretokenizeConfig
+from dalle_core.tokenizer import BPETokenizer, normalize_caption
+from dalle_core.vae import DiscreteVAE, codebook_usage
+from pipelines import manifest as mf
+from pipelines import storage
+from pipelines.raw import SUCCESS, list_raw_shards
+
+REASONS = ("missing_image", "undecodable_image", "image_too_small", "empty_caption")
+_SHARD_COL = "__input__"  # which raw shard a row came from (the stem of its file name)
+_PIXELS_COL = "__pixels__"
+_REASON_COL = "__reason__"
+_DETAIL_COL = "__detail__"
+
+
+class PretokenizeError(RuntimeError):
+    """The job cannot produce any token shard (e.g. every input pair was rejected)."""
+
+
+def _decode_jpeg(data: bytes) -> np.ndarray | None:
+    """JPEG through OpenCV (libjpeg-turbo): ~2.5x faster than PIL on small pictures, applies the EXIF
+    orientation, turns greyscale and CMYK into colour. None when OpenCV cannot read it (PIL then tries)."""
+    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _decode_any(data: bytes) -> np.ndarray:
+    """Every other format through PIL: EXIF orientation, transparency composited over white (as img2dataset
+    does), greyscale/palette/CMYK converted to RGB."""
+    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return np.asarray(img.convert("RGB"))
+
+
+def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
+    """Shorter side to ``size`` (area averaging when shrinking, bicubic when enlarging), then the centre."""
+    height, width = pixels.shape[:2]
+    if (height, width) != (size, size):
+        scale = size / min(height, width)
+        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
+        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        pixels = pixels[top:top + size, left:left + size]
+    return np.ascontiguousarray(pixels)
+
+
+def load_picture(data: bytes | None, image_size: int, min_image_size: int, channels: int = 3,
+                 ) -> tuple[np.ndarray | None, str | None, str | None]:
+    """``(pixels [S, S, C] uint8, None, None)`` or ``(None, reason, detail)`` for one raw picture: decoded,
+    converted to RGB (or grey for 1-channel dVAEs), shorter side resized to ``image_size``, centre cropped."""
+    if not data:
+        return None, "missing_image", "no image bytes"
+    try:
+        pixels = _decode_jpeg(data) if data[:3] == b"\xff\xd8\xff" else None
+        if pixels is None:
+            pixels = _decode_any(data)
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
+        return None, "undecodable_image", f"{type(exc).__name__}: {exc}"[:300]
+    height, width = pixels.shape[:2]
+    if min(height, width) < min_image_size:
+        return None, "image_too_small", f"{width}x{height} < {min_image_size}"
+    pixels = resize_center_crop(pixels, image_size)
+    if channels == 1:
+        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[..., None]
+    return pixels, None, None
+
+
+def _column(batch: pa.Table, name: str) -> list[Any]:
+    return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
+
+
+def preprocess_batch(batch: pa.Table, *, tokenizer: BPETokenizer, image_size: int, min_image_size: int,
+                     channels: int) -> pa.Table:
+    """Raw rows -> normalised caption, BPE ids, pixels (zeros for rejects) and a reject reason (or null)."""
+    n = batch.num_rows
+    status, error = _column(batch, "status"), _column(batch, "error_message")
+    sources = [s or u for s, u in zip(_column(batch, "source"), _column(batch, "url"), strict=True)]
+    inputs = [storage.stem(p) for p in batch.column("path").to_pylist()]
+    captions = [normalize_caption(c) if isinstance(c, str) else "" for c in _column(batch, "caption")]
+    reasons: list[str | None] = [None] * n
+    details: list[str | None] = [None] * n
+    pixels = np.zeros((n, image_size * image_size * channels), dtype=np.uint8)
+    for i, data in enumerate(_column(batch, "jpg")):
+        if status[i] is not None and status[i] != SUCCESS:
+            reasons[i], details[i] = status[i], error[i]
+            continue
+        picture, reasons[i], details[i] = load_picture(data, image_size, min_image_size, channels)
+        if picture is not None:
+            pixels[i] = picture.reshape(-1)
+    ids = tokenizer.encode(captions)
+    for i in range(n):
+        if reasons[i] is None and not ids[i]:
+            reasons[i], details[i] = "empty_caption", "caption empty after normalisation"
+    keys = [k if k is not None else f"{inputs[i]}#{i}" for i, k in enumerate(_column(batch, "key"))]
+    return pa.table({
+        "key": pa.array(keys, pa.string()),
+        "caption": pa.array(captions, pa.string()),
+        "text_ids": pa.array(ids, pa.list_(pa.int32())),
+        "source": pa.array([s or inp for s, inp in zip(sources, inputs, strict=True)], pa.string()),
+        _SHARD_COL: pa.array(inputs, pa.string()),
+        _REASON_COL: pa.array(reasons, pa.string()),
+        _DETAIL_COL: pa.array(details, pa.string()),
+        _PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), pixels.shape[1]),
+    })
+
+
+def _vae_from_bytes(data: bytes) -> DiscreteVAE:
+    """Checkpoint bytes -> model, through fsspec's in-memory filesystem (no local file on the worker)."""
+    path = f"memory://dalle-vae/{hashlib.sha256(data).hexdigest()}.pt"
+    fsspec.filesystem("memory").pipe_file(path, data)
+    model = load_model(path)
+    if not isinstance(model, DiscreteVAE):
+        raise PretokenizeError(f"the dVAE checkpoint holds a {type(model).__name__}, not a DiscreteVAE")
+    return model
+
+
+class DVAEEncoder:
+    """Actor UDF: holds the frozen dVAE and turns pixel rows into code rows (rejects get zeros, dropped later)."""
+
+    def __init__(self, vae_bytes: bytes, num_threads: int) -> None:
+        self.model = _vae_from_bytes(vae_bytes)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.model.to(self.device).eval()
+        if self.device.type == "cpu":
+            torch.set_num_threads(max(1, num_threads))
+        cfg = self.model.config
+        self.shape = (cfg.image_size, cfg.image_size, cfg.channels)
+        self.seq_len = cfg.image_seq_len
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        n = batch.num_rows
+        ok = pc.is_null(batch.column(_REASON_COL)).to_numpy(zero_copy_only=False)
+        codes = np.zeros((n, self.seq_len), dtype=np.uint16)
+        if ok.any():
+            flat = batch.column(_PIXELS_COL).combine_chunks().flatten().to_numpy()
+            pixels = flat.reshape(n, *self.shape)[ok]
+            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            codes[ok] = self.model.get_codebook_indices(images).cpu().numpy().astype(np.uint16)
+        batch = batch.drop_columns([_PIXELS_COL])
+        return batch.append_column("image_codes",
+                                   pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)), self.seq_len))
+
+
+@dataclass
+class _Models:
+    tokenizer: BPETokenizer
+    vae_bytes: bytes
+    vae: DiscreteVAE
+    tokenizer_path: str
+    vae_path: str
+    vae_hash: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.vae_hash = hashlib.sha256(self.vae_bytes).hexdigest()
+
+
+def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Models:
+    vae_bytes = storage.read_bytes(vae_path)
+    return _Models(BPETokenizer.load(tokenizer_path, text_seq_len), vae_bytes, _vae_from_bytes(vae_bytes),
+                   tokenizer_path, vae_path)
+
+
+def _outputs(output: str, stem: str) -> tuple[str, str]:
+    return (storage.join(output, mf.DATA_DIR, f"{stem}.parquet"),
+            storage.join(output, mf.REJECTS_DIR, f"{stem}.parquet"))
+
+
+def _is_done(output: str, stem: str) -> bool:
+    data, rejects = _outputs(output, stem)
+    return storage.parquet_metadata(data) is not None and storage.parquet_metadata(rejects) is not None
+
+
+def _write_shard(output: str, stem: str, parts: list[pa.Table], image_seq_len: int, num_tokens: int) -> None:
+    """Writes one input's rejects, then its token rows (the completion marker), sorted by key."""
+    table = pa.concat_tables(parts).sort_by("key")
+    bad = pc.is_valid(table.column(_REASON_COL))
+    rejects = table.filter(bad)
+    good = table.filter(pc.invert(bad))
+    data_path, rejects_path = _outputs(output, stem)
+    storage.write_parquet(pa.table({
+        "key": rejects.column("key"), "source": rejects.column("source"),
+        "reason": rejects.column(_REASON_COL), "detail": rejects.column(_DETAIL_COL),
+    }, schema=mf.REJECT_SCHEMA), rejects_path)
+    schema = mf.token_schema(image_seq_len)
+    codes = good.column("image_codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    histogram = np.bincount(codes.astype(np.int64), minlength=num_tokens).tolist()
+    tokens = pa.table({name: good.column(name) for name in schema.names}, schema=schema)
+    tokens = tokens.replace_schema_metadata({mf.HISTOGRAM_KEY: json.dumps(histogram).encode()})
+    storage.write_parquet(tokens, data_path)
+
+
+def build_manifest(output: str, stems: list[str], models: _Models) -> dict[str, Any]:
+    """The manifest from the finished files alone (footers + reject reasons), so a resumed run counts the
+    shards an earlier run wrote exactly like its own."""
+    cfg = models.vae.config
+    histogram = np.zeros(cfg.num_tokens, dtype=np.int64)
+    shards, reasons = [], Counter()
+    for stem in stems:
+        data_path, rejects_path = _outputs(output, stem)
+        meta = storage.parquet_metadata(data_path)
+        shards.append({"path": f"{mf.DATA_DIR}/{stem}.parquet", "rows": meta.num_rows, "input": stem})
+        histogram += np.asarray(json.loads(meta.metadata[mf.HISTOGRAM_KEY]), dtype=np.int64)
+        reasons.update(storage.read_parquet(rejects_path, ["reason"]).column("reason").to_pylist())
+    num_rows = sum(s["rows"] for s in shards)
+    usage = (codebook_usage(torch.repeat_interleave(torch.arange(cfg.num_tokens), torch.from_numpy(histogram)),
+                            cfg.num_tokens) if num_rows else {"histogram": histogram.tolist()})
+    return {
+        "schema_version": mf.SCHEMA_VERSION,
+        "num_rows": num_rows,
+        "pairs_in": num_rows + sum(reasons.values()),
+        "image_seq_len": cfg.image_seq_len,
+        "text_seq_len": models.tokenizer.text_seq_len,
+        "codebook_size": cfg.num_tokens,
+        "tokenizer": {"path": models.tokenizer_path, "model_hash": models.tokenizer.model_hash,
+                      "vocab_size": models.tokenizer.vocab_size, "text_seq_len": models.tokenizer.text_seq_len},
+        "vae": {"path": models.vae_path, "checkpoint_hash": models.vae_hash, "num_tokens": cfg.num_tokens,
+                "image_size": cfg.image_size, "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len},
+        "shards": shards,
+        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items())),
+                    "dir": mf.REJECTS_DIR},
+        "codebook_usage": usage,
+    }
+
+
+def _num_rows(path: str) -> int:
+    meta = storage.parquet_metadata(path)
+    if meta is None:
+        raise PretokenizeError(f"{path}: not a readable Parquet file (truncated or corrupt raw shard)")
+    return meta.num_rows
+
+
+def _clear(output: str) -> None:
+    fs, inner = storage.filesystem(output)
+    for sub in (mf.DATA_DIR, mf.REJECTS_DIR, mf.MANIFEST_NAME):
+        path = storage.join(inner, sub)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
+
+def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, text_seq_len: int,
+                    config: PretokenizeConfig) -> dict[str, Any]:
+    """Runs the job (Ray must be reachable; ``ray.init`` is the caller's) and returns the end summary."""
+    start = time.perf_counter()
+    inputs = list_raw_shards(raw)
+    by_stem = {storage.stem(p): p for p in inputs}
+    if len(by_stem) != len(inputs):
+        raise PretokenizeError(f"raw shards in {raw} share file names; each needs its own name")
+    if config.overwrite:
+        _clear(output)
+    for sub in (mf.DATA_DIR, mf.REJECTS_DIR):
+        storage.remove_stale_temporaries(storage.join(output, sub))
+    models = load_models(tokenizer_path, vae_path, text_seq_len)
+    todo = [s for s in by_stem if not _is_done(output, s)]
+    expected = {s: _num_rows(by_stem[s]) for s in todo}
+    new_rows = 0
+    if todo:
+        new_rows = _process(by_stem, todo, expected, output, models, config)
+    manifest = build_manifest(output, sorted(by_stem), models)
+    elapsed = time.perf_counter() - start
+    summary = {
+        "pairs_in": manifest["pairs_in"], "pairs_out": manifest["num_rows"],
+        "rejects_by_reason": manifest["rejects"]["by_reason"],
+        "input_shards": len(by_stem), "shards_skipped": len(by_stem) - len(todo), "shards_written": len(todo),
+        "pairs_processed_this_run": new_rows, "seconds": round(elapsed, 3),
+        "images_per_s": round(new_rows / elapsed, 1) if elapsed > 0 else 0.0,
+    }
+    if manifest["num_rows"] == 0:
+        raise PretokenizeError(f"all {manifest['pairs_in']} input pairs were rejected "
+                               f"({manifest['rejects']['by_reason']}); see {storage.join(output, mf.REJECTS_DIR)}")
+    storage.write_json(storage.join(output, mf.MANIFEST_NAME), manifest)
+    return summary
+
+
+def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int], output: str, models: _Models,
+             config: PretokenizeConfig) -> int:
+    """Streams the unfinished inputs through Ray Data, writing each input's output once all its rows are in."""
+    filesystem, _ = storage.arrow_filesystem(by_stem[todo[0]])
+    paths = [storage.filesystem(by_stem[s])[1] for s in todo]
+    wanted = ["key", "caption", "url", "jpg", "status", "error_message", "source"]
+    present = set(storage.parquet_columns(by_stem[todo[0]]))
+    if "jpg" not in present:
+        raise PretokenizeError(f"{by_stem[todo[0]]} has no 'jpg' column: not a raw shard (columns {sorted(present)})")
+    cfg = models.vae.config
+    # One block per raw shard at least: stages overlap and finished shards are written while others run.
+    ds = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True,
+                               override_num_blocks=len(paths)).select_columns(
+        [c for c in wanted if c in present] + ["path"])
+    ds = ds.map_batches(preprocess_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
+        "tokenizer": models.tokenizer, "image_size": cfg.image_size,
+        "min_image_size": config.min_image_size, "channels": cfg.channels})
+    ds = ds.map_batches(
+        DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
+        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
+        num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
+        fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
+                               "num_threads": int(config.num_cpus_per_actor)})
+    pending: dict[str, list[pa.Table]] = defaultdict(list)
+    counts: Counter[str] = Counter()
+    for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):
+        for stem in set(batch.column(_SHARD_COL).to_pylist()):
+            part = batch.filter(pc.equal(batch.column(_SHARD_COL), stem))
+            pending[stem].append(part)
+            counts[stem] += part.num_rows
+            if counts[stem] == expected[stem]:
+                _write_shard(output, stem, pending.pop(stem), cfg.image_seq_len, cfg.num_tokens)
+    # An input with no rows at all never shows up in the stream; a short one means rows went missing.
+    for stem in todo:
+        if counts[stem] != expected[stem]:
+            raise PretokenizeError(f"{by_stem[stem]}: {expected[stem]} rows expected, {counts[stem]} seen")
+        if expected[stem] == 0:
+            _write_shard(output, stem, [_empty_rows(cfg.image_seq_len)], cfg.image_seq_len, cfg.num_tokens)
+    return sum(counts.values())
+
+
+def _empty_rows(image_seq_len: int) -> pa.Table:
+    schema = mf.token_schema(image_seq_len)
+    return schema.empty_table().append_column(_REASON_COL, pa.array([], pa.string())).append_column(
+        _DETAIL_COL, pa.array([], pa.string()))

@@ -1,0 +1,214 @@
+"""The evaluation Serve application: a Generator (DALLE + dVAE decoder) and a Scorer (CLIP) deployment, each
+loading its model once per replica and grouping concurrent requests with ``@serve.batch``, behind an HTTP
+ingress for interactive use.
+
+Batch job: ``pipelines.evaluation`` calls the Generator and Scorer handles directly (prompts from many Ray
+Data actors meet in one sampling pass). Live use::
+
+    serve run pipelines.serve_app:app_builder config=configs/tiny.yaml
+    curl -s -X POST localhost:8000/ -d '{"prompt": "a small red circle on the left", "n": 8}'
+
+The model maths lives in :mod:`dalle_core.sampling`; this module only wires it into Serve.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from ray import serve
+from ray.serve import Application
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+
+from dalle_core.config import Config, EvaluateConfig, SamplingConfig
+from dalle_core.sampling import (
+    STATUS_ERROR,
+    ImageGenerator,
+    PromptChecker,
+    batch_seed,
+    from_uint8,
+    load_generator,
+    make_grid,
+    pad_ids,
+    png_bytes,
+    rank_order,
+    score_candidates,
+    to_uint8,
+)
+from dalle_core.tokenizer import BPETokenizer
+
+GENERATOR, SCORER = "Generator", "Scorer"
+
+
+@dataclass
+class ModelPaths:
+    """The four artifacts the application needs (local paths or fsspec URLs)."""
+
+    checkpoint: str
+    vae: str
+    tokenizer: str
+    clip: str
+
+
+def _device(num_gpus: float) -> str:
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: SamplingConfig,
+                   requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Generator's work for one batch of requests (also what a plain Ray Data actor runs in the
+    benchmark): check prompts, sample every accepted one in one pass, return uint8 pictures or a status."""
+    checks = checker.check([r["prompt"] for r in requests])
+    out: list[dict[str, Any]] = [
+        {"status": c.status, "detail": c.detail, "text_ids": c.text_ids, "images": None, "seed": None}
+        for c in checks]
+    ok = [i for i, c in enumerate(checks) if c.ok]
+    # One pass needs one candidate count; a batch mixing counts runs one pass per count.
+    for n in sorted({int(requests[i].get("num_candidates") or sampling.num_candidates) for i in ok}):
+        group = [i for i in ok if int(requests[i].get("num_candidates") or sampling.num_candidates) == n]
+        seed = batch_seed(sampling.seed, [str(requests[i].get("key", requests[i]["prompt"])) for i in group])
+        text = pad_ids([checks[i].text_ids for i in group], model.text_seq_len)
+        try:
+            images = to_uint8(model.generate(text, n, sampling, seed))
+        except Exception as exc:  # recorded per prompt; the replica stays up for the next batch
+            for i in group:
+                out[i].update(status=STATUS_ERROR, detail=f"generation failed: {exc!r}")
+            continue
+        for j, i in enumerate(group):
+            out[i].update(images=images[j], seed=seed, batch_prompts=len(group))
+    return out
+
+
+def score_batch(clip: torch.nn.Module, requests: list[dict[str, Any]]) -> list[list[float]]:
+    """The Scorer's work for one batch: every candidate of every request in one CLIP pass."""
+    seq = clip.config.text_seq_len
+    counts = [len(r["images"]) for r in requests]
+    text = pad_ids([r["text_ids"] for r in requests], seq).repeat_interleave(torch.tensor(counts), dim=0)
+    images = from_uint8(np.concatenate([r["images"] for r in requests]))
+    scores = score_candidates(clip, text, images[:, None])[:, 0]
+    return [s.tolist() for s in scores.split(counts)]
+
+
+@serve.deployment
+class Generator:
+    """Prompt strings in, ``num_candidates`` uint8 pictures per prompt out; all prompts of a Serve batch go
+    through one batched, KV-cached, guided sampling pass. Rejected prompts come back with their status."""
+
+    def __init__(self, paths: ModelPaths, text_seq_len: int, sampling: SamplingConfig, max_batch_size: int,
+                 batch_wait_timeout_s: float, num_gpus: float = 0.0) -> None:
+        self.sampling = sampling
+        self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus))
+        self.tokenizer = BPETokenizer.load(paths.tokenizer, text_seq_len)
+        self.model.check_tokenizer(self.tokenizer)
+        self.checker = PromptChecker(self.tokenizer)
+        self.generate.set_max_batch_size(max_batch_size)
+        self.generate.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _run(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return generate_batch(self.model, self.checker, self.sampling, requests)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.05)
+    async def generate(self, requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        """``{"prompt", "key"?, "num_candidates"?}`` per request. Runs in a thread so the replica keeps
+        queueing the next batch while this one samples."""
+        return await asyncio.to_thread(self._run, requests)
+
+    def settings(self) -> dict[str, Any]:
+        """The sampling settings this replica uses (recorded beside every output)."""
+        return dict(vars(self.sampling))
+
+
+@serve.deployment
+class Scorer:
+    """CLIP scores of each prompt against its candidates; the rows of all requests in a batch share one pass."""
+
+    def __init__(self, clip_path: str, max_batch_size: int, batch_wait_timeout_s: float,
+                 num_gpus: float = 0.0) -> None:
+        from dalle_core.checkpoint import load_model
+
+        self.clip = load_model(clip_path, map_location=_device(num_gpus)).eval()
+        self.score.set_max_batch_size(max_batch_size)
+        self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
+
+    def _run(self, requests: list[dict[str, Any]]) -> list[list[float]]:
+        return score_batch(self.clip, requests)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
+    async def score(self, requests: list[dict[str, Any]]) -> list[list[float]]:
+        """``{"text_ids": list[int], "images": uint8 [N, H, W, C]}`` per request -> N scores."""
+        return await asyncio.to_thread(self._run, requests)
+
+
+@serve.deployment
+class DalleApp:
+    """HTTP ingress: ``POST {"prompt": str, "n": int?, "top": int?, "format": "json"|"png"}`` returns the
+    candidates ranked by CLIP (JSON with base64 PNGs and scores, or one PNG strip best first)."""
+
+    def __init__(self, generator: Any, scorer: Any, sampling: SamplingConfig) -> None:
+        self.generator, self.scorer, self.sampling = generator, scorer, sampling
+
+    async def rank(self, prompt: str, n: int | None = None) -> dict[str, Any]:
+        """Generate, score and order the candidates of one prompt (also callable through the app handle)."""
+        gen = await self.generator.generate.remote({"prompt": prompt, "key": prompt, "num_candidates": n})
+        result = {"prompt": prompt, "status": gen["status"], "detail": gen["detail"], "seed": gen["seed"],
+                  "settings": dict(vars(self.sampling)), "candidates": []}
+        if gen["images"] is None:
+            return result
+        scores = await self.scorer.score.remote({"text_ids": gen["text_ids"], "images": gen["images"]})
+        order = rank_order(torch.tensor([scores]))[0].tolist()
+        result["candidates"] = [{"rank": r, "candidate": c, "score": scores[c], "image": gen["images"][c]}
+                                for r, c in enumerate(order)]
+        return result
+
+    async def __call__(self, request: Request) -> Response:
+        if request.method != "POST":
+            return JSONResponse({"usage": 'POST {"prompt": "...", "n": 8, "top": 4, "format": "json"|"png"}'})
+        try:
+            body = json.loads(await request.body() or b"{}")
+            prompt = body["prompt"]
+            n = int(body.get("n") or self.sampling.num_candidates)
+            top = int(body.get("top") or n)
+            fmt = body.get("format", "json")
+            if not 1 <= n <= 256 or top < 1 or fmt not in ("json", "png"):
+                raise ValueError("need 1 <= n <= 256, top >= 1 and format json or png")
+        except (KeyError, ValueError, TypeError) as exc:
+            return JSONResponse({"status": "bad_request", "detail": repr(exc)}, status_code=400)
+        result = await self.rank(prompt, n)
+        if result["status"] != "ok":
+            return JSONResponse({k: result[k] for k in ("prompt", "status", "detail")}, status_code=422)
+        best = result["candidates"][:top]
+        if fmt == "png":
+            return Response(png_bytes(make_grid([[c["image"] for c in best]])), media_type="image/png")
+        for c in best:
+            c["png_base64"] = base64.b64encode(png_bytes(c.pop("image"))).decode()
+        return JSONResponse(dict(result, candidates=best))
+
+
+def build_app(config: Config, paths: ModelPaths) -> Application:
+    """The application graph with replica counts, CPUs/GPUs and batch sizes from ``config.evaluate``."""
+    ev: EvaluateConfig = config.evaluate
+    generator = Generator.options(
+        num_replicas=ev.generator_replicas, max_ongoing_requests=ev.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ev.generator_num_cpus, "num_gpus": ev.generator_num_gpus},
+    ).bind(paths, config.tokenizer.text_seq_len, config.sampling, ev.max_batch_size, ev.batch_wait_timeout_s,
+           ev.generator_num_gpus)
+    scorer = Scorer.options(
+        num_replicas=ev.scorer_replicas, max_ongoing_requests=ev.max_ongoing_requests,
+        ray_actor_options={"num_cpus": ev.scorer_num_cpus, "num_gpus": ev.scorer_num_gpus},
+    ).bind(paths.clip, ev.scorer_max_batch_size, ev.batch_wait_timeout_s, ev.scorer_num_gpus)
+    return DalleApp.options(ray_actor_options={"num_cpus": 0}).bind(generator, scorer, config.sampling)
+
+
+def app_builder(args: dict[str, str]) -> Application:
+    """``serve run pipelines.serve_app:app_builder config=... [checkpoint=... vae=... tokenizer=... clip=...]``;
+    paths default from the config's ``paths`` section and the newest DALLE checkpoint under ``paths.runs``."""
+    from pipelines.evaluation import resolve_model_paths
+
+    config = Config.load(args.get("config") or None)
+    return build_app(config, resolve_model_paths(config, **{k: v for k, v in args.items() if k != "config"}))

@@ -1,0 +1,91 @@
+"""jobs/generate.py and the shared prompt -> image helpers in dalle_core.sampling (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from _eval_artifacts import build_artifacts
+from PIL import Image
+
+from dalle_core.checkpoint import load_model
+from dalle_core.config import SamplingConfig
+from dalle_core.sampling import PromptChecker, generate_prompt, latest_checkpoint, load_generator, make_grid
+from dalle_core.tokenizer import BPETokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_job(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "jobs/generate.py", "--config", "", *args], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def config(tmp_path_factory):
+    return build_artifacts(tmp_path_factory.mktemp("gen"))
+
+
+def test_generate_job_writes_ranked_pngs_of_the_model_size(config, tmp_path):
+    out, paths = tmp_path / "gen", config.paths.resolved()
+    proc = run_job("--prompt", "a small red circle on the left", "-n", "5", "--output", str(out), "--tokenizer",
+                   paths.tokenizer, "--vae", paths.vae, "--clip", paths.clip, "--checkpoint",
+                   latest_checkpoint(paths.runs, "dalle"))
+    assert proc.returncode == 0, proc.stderr
+    summary = json.loads(proc.stdout)
+    assert len(summary["files"]) == 5 and summary["scores"] == sorted(summary["scores"], reverse=True)
+    size = config.vae.image_size
+    for path in summary["files"]:
+        assert Image.open(path).size == (size, size) and Image.open(path).mode == "RGB"
+    grid = Image.open(out / "grid.png")
+    scale = 64 // size
+    assert grid.size == (5 * (size * scale + 2) + 2, size * scale + 4)
+
+
+def test_generate_job_rejects_a_bad_prompt_with_its_status(config, tmp_path):
+    paths = config.paths.resolved()
+    proc = run_job("--prompt", "", "--output", str(tmp_path), "--tokenizer", paths.tokenizer, "--vae", paths.vae,
+                   "--checkpoint", latest_checkpoint(paths.runs, "dalle"))
+    assert proc.returncode == 2 and json.loads(proc.stdout)["status"] == "empty"
+    assert not any(tmp_path.iterdir())
+
+
+def test_same_seed_same_pictures_and_scores_rank_candidates(config):
+    paths = config.paths.resolved()
+    gen = load_generator(latest_checkpoint(paths.runs, "dalle"), paths.vae)
+    tok = BPETokenizer.load(paths.tokenizer, config.tokenizer.text_seq_len)
+    clip = load_model(paths.clip)
+    sampling = SamplingConfig(cond_scale=3.0, num_candidates=4, top_images=1, seed=7)
+    first = generate_prompt(gen, tok, "a large blue square at the top", 4, sampling, clip)
+    again = generate_prompt(gen, tok, "a large blue square at the top", 4, sampling, clip)
+    assert (first.images == again.images).all() and first.images.shape == (4, 16, 16, 3)
+    assert [first.scores[i] for i in first.order] == sorted(first.scores, reverse=True)
+
+
+def test_latest_checkpoint_picks_the_highest_step(config, tmp_path):
+    assert latest_checkpoint(config.paths.resolved().runs, "dalle").endswith("checkpoint_step_00000002/model.pt")
+    with pytest.raises(FileNotFoundError, match="pass --checkpoint"):
+        latest_checkpoint(str(tmp_path), "dalle")
+
+
+def test_prompt_checker_statuses(config):
+    tok = BPETokenizer.load(config.paths.resolved().tokenizer, config.tokenizer.text_seq_len)
+    checks = PromptChecker(tok).check(["A Small  RED circle", "", "  \n", "a red circle ☃ 7",
+                                       " ".join(["a small red circle on the left"] * 4)])
+    assert [c.status for c in checks] == ["ok", "empty", "empty", "unknown_chars", "too_long"]
+    assert checks[0].text_ids == tok.encode(["a small red circle"])[0]
+    assert "☃" in checks[3].detail and "7" in checks[3].detail
+    assert f"text_seq_len={config.tokenizer.text_seq_len}" in checks[4].detail
+
+
+def test_grid_layout():
+    red = torch.zeros(3, 4, 4)
+    red[0] = 1
+    tile = (red.permute(1, 2, 0).numpy() * 255).astype("uint8")
+    grid = make_grid([[tile, tile], [tile]], pad=1, scale=2)
+    assert grid.shape == (2 * 9 + 1, 2 * 9 + 1, 3)
+    assert (grid[1:9, 1:9] == [255, 0, 0]).all() and (grid[10:18, 10:18] == 255).all()  # short row stays blank

@@ -1,0 +1,331 @@
+"""The cluster files (infra/, configs/base|large) can be wrong without any cluster to find out: these tests
+parse and schema-check them offline, tie them to the code (entrypoints exist, configs load, GPU counts in
+the manifests cover what the dry-run plans ask for, the arithmetic in the YAML comments is what the code
+computes) and keep secrets out of them."""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+from packaging.requirements import Requirement
+
+from dalle_core.config import Config, DALLEConfig
+from dalle_core.dalle import DALLE
+from pipelines.resources import ACTIVATION_ELEMENTS_PER_DIM, plan_resources
+
+ROOT = Path(__file__).resolve().parents[1]
+IMAGE_ROOT = "/app"  # WORKDIR of infra/Dockerfile: where the repo lives inside the image
+YAML_FILES = sorted([*ROOT.glob("infra/**/*.yaml"), *ROOT.glob("configs/*.yaml")])
+MANIFESTS = sorted(ROOT.glob("infra/kuberay/*.yaml"))
+CLUSTER_JOBS = ("pretokenize", "train", "evaluate")
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+LITERAL_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}",
+                         re.IGNORECASE)
+
+
+def load_docs(path: Path) -> list[Any]:
+    with open(path) as f:
+        return list(yaml.safe_load_all(f))
+
+
+def manifests() -> list[tuple[Path, dict[str, Any]]]:
+    return [(path, doc) for path in MANIFESTS for doc in load_docs(path) if doc is not None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The schema check: the fields KubeRay's ray.io/v1 CRDs require, and the rules of this project.
+
+
+def _pod_errors(template: Any, where: str, gpu: bool) -> list[str]:
+    errors = []
+    containers = (template or {}).get("spec", {}).get("containers") if isinstance(template, dict) else None
+    if not isinstance(containers, list) or not containers:
+        return [f"{where}.template.spec.containers: must be a non-empty list"]
+    for i, container in enumerate(containers):
+        at = f"{where}.template.spec.containers[{i}]"
+        if not isinstance(container, dict) or not container.get("name") or not container.get("image"):
+            errors.append(f"{at}: needs a name and an image")
+            continue
+        for env in container.get("env") or []:
+            if env.get("name") in SECRET_ENV and "value" in env:
+                errors.append(f"{at}.env.{env['name']}: literal value; use valueFrom.secretKeyRef")
+            if env.get("name") in SECRET_ENV and "secretKeyRef" not in (env.get("valueFrom") or {}):
+                errors.append(f"{at}.env.{env['name']}: must come from valueFrom.secretKeyRef")
+        limits = (container.get("resources") or {}).get("limits") or {}
+        if gpu and int(limits.get("nvidia.com/gpu", 0)) < 1:
+            errors.append(f"{at}.resources.limits: a GPU group needs nvidia.com/gpu >= 1")
+    return errors
+
+
+def _cluster_spec_errors(spec: Any, where: str) -> list[str]:
+    if not isinstance(spec, dict):
+        return [f"{where}: must be a mapping"]
+    errors = []
+    head = spec.get("headGroupSpec")
+    if not isinstance(head, dict):
+        errors.append(f"{where}.headGroupSpec: required")
+    else:
+        if not isinstance(head.get("rayStartParams"), dict):
+            errors.append(f"{where}.headGroupSpec.rayStartParams: required mapping")
+        errors += _pod_errors(head.get("template"), f"{where}.headGroupSpec", gpu=False)
+    groups = spec.get("workerGroupSpecs")
+    if not isinstance(groups, list) or not groups:
+        return errors + [f"{where}.workerGroupSpecs: required non-empty list"]
+    for i, group in enumerate(groups):
+        at = f"{where}.workerGroupSpecs[{i}]"
+        if not group.get("groupName"):
+            errors.append(f"{at}.groupName: required")
+        if not isinstance(group.get("rayStartParams"), dict):
+            errors.append(f"{at}.rayStartParams: required mapping")
+        counts = [group.get(k) for k in ("minReplicas", "replicas", "maxReplicas")]
+        if not all(isinstance(c, int) for c in counts) or not counts[0] <= counts[1] <= counts[2]:
+            errors.append(f"{at}: needs integers minReplicas <= replicas <= maxReplicas, got {counts}")
+        gpu_group = "gpu" in str(group.get("groupName", ""))
+        errors += _pod_errors(group.get("template"), at, gpu=gpu_group)
+    return errors
+
+
+def kuberay_errors(doc: Any) -> list[str]:
+    """Everything wrong with one manifest document; empty when it would be accepted and is safe."""
+    if not isinstance(doc, dict):
+        return ["document: must be a mapping"]
+    errors = []
+    if doc.get("apiVersion") != "ray.io/v1":
+        errors.append(f"apiVersion: expected ray.io/v1, got {doc.get('apiVersion')!r}")
+    if not (doc.get("metadata") or {}).get("name"):
+        errors.append("metadata.name: required")
+    kind, spec = doc.get("kind"), doc.get("spec") or {}
+    if kind == "RayCluster":
+        errors += _cluster_spec_errors(spec, "spec")
+    elif kind == "RayJob":
+        if not isinstance(spec.get("entrypoint"), str) or not spec["entrypoint"].strip():
+            errors.append("spec.entrypoint: required string")
+        if "runtimeEnvYAML" in spec and not isinstance(yaml.safe_load(spec["runtimeEnvYAML"]), dict):
+            errors.append("spec.runtimeEnvYAML: must be a YAML mapping")
+        if "submitterPodTemplate" in spec:
+            errors += _pod_errors(spec["submitterPodTemplate"], "spec.submitterPodTemplate", gpu=False)
+        errors += _cluster_spec_errors(spec.get("rayClusterSpec"), "spec.rayClusterSpec")
+    else:
+        errors.append(f"kind: expected RayCluster or RayJob, got {kind!r}")
+    return errors
+
+
+def entrypoint_job_and_config(entrypoint: str) -> tuple[str, str]:
+    """``python /app/jobs/X.py --config /app/configs/Y.yaml`` -> repo-relative script and config paths."""
+    args = shlex.split(entrypoint)
+    script = next(a for a in args if a.endswith(".py"))
+    config = args[args.index("--config") + 1]
+    return tuple(str(Path(p).relative_to(IMAGE_ROOT)) if p.startswith(IMAGE_ROOT) else p for p in (script, config))
+
+
+def gpu_capacity(cluster_spec: dict[str, Any]) -> int:
+    """GPUs the worker groups bring at their configured replica count."""
+    total = 0
+    for group in cluster_spec["workerGroupSpecs"]:
+        for container in group["template"]["spec"]["containers"]:
+            total += group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+    return total
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def dry_runs() -> dict[str, dict[str, Any]]:
+    """``jobs/dry_run.py`` for each cluster job on large.yaml, as a user runs it: run side by side."""
+    procs = {
+        job: subprocess.Popen([sys.executable, "jobs/dry_run.py", "--job", job, "--config", "configs/large.yaml"],
+                              cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for job in CLUSTER_JOBS
+    }
+    plans = {}
+    for job, proc in procs.items():
+        out, err = proc.communicate(timeout=120)
+        assert proc.returncode == 0, f"dry_run --job {job} failed: {err[-2000:]}"
+        plans[job] = json.loads(out)
+    return plans
+
+
+def test_every_yaml_parses() -> None:
+    assert len(YAML_FILES) >= 8, YAML_FILES
+    for path in YAML_FILES:
+        docs = load_docs(path)
+        assert docs and all(isinstance(d, dict) for d in docs if d is not None), path
+
+
+def test_kuberay_manifests_pass_the_schema_check() -> None:
+    kinds = [doc["kind"] for _, doc in manifests()]
+    assert kinds.count("RayCluster") == 1 and kinds.count("RayJob") == len(CLUSTER_JOBS), kinds
+    for path, doc in manifests():
+        assert kuberay_errors(doc) == [], path
+
+
+def test_schema_check_catches_broken_manifests() -> None:
+    job = next(doc for _, doc in manifests() if doc["kind"] == "RayJob")
+    broken = copy.deepcopy(job)
+    del broken["spec"]["entrypoint"]
+    worker = broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
+    del worker["resources"]["limits"]["nvidia.com/gpu"]
+    worker["env"] = [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]
+    del broken["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
+    broken["apiVersion"] = "ray.io/v1alpha1"
+    errors = "\n".join(kuberay_errors(broken))
+    for needle in ("apiVersion", "spec.entrypoint", "nvidia.com/gpu", "literal value", "headGroupSpec.rayStartParams"):
+        assert needle in errors, (needle, errors)
+
+
+def test_no_literal_credentials_anywhere_in_infra_or_configs() -> None:
+    files = [p for p in [*ROOT.glob("infra/**/*"), *ROOT.glob("configs/*")] if p.is_file()]
+    assert any(p.name == "Dockerfile" for p in files)
+    for path in files:
+        assert not LITERAL_KEY.search(path.read_text()), f"{path}: looks like a literal AWS key"
+    for path, doc in manifests():
+        text = yaml.safe_dump(doc)
+        for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+            assert name in text, f"{path}: pods get no {name} from the Secret"
+
+
+def test_manifest_entrypoints_and_configs_exist_in_the_repo_and_the_image() -> None:
+    dockerfile = (ROOT / "infra/Dockerfile").read_text()
+    copied = set(re.findall(r"^COPY\s+(\S+)", dockerfile, re.MULTILINE))
+    seen = set()
+    for path, doc in manifests():
+        if doc["kind"] != "RayJob":
+            continue
+        script, config = entrypoint_job_and_config(doc["spec"]["entrypoint"])
+        seen.add(Path(script).stem)
+        for rel in (script, config):
+            assert (ROOT / rel).is_file(), f"{path}: entrypoint names {rel}, missing from the repo"
+            assert f"{Path(rel).parts[0]}/" in copied, f"{path}: {rel} is not copied into the image"
+        Config.load(ROOT / config)
+    assert seen == set(CLUSTER_JOBS)
+
+
+def test_every_image_reference_is_the_one_image_with_the_pinned_ray() -> None:
+    dockerfile = (ROOT / "infra/Dockerfile").read_text()
+    ray_version = re.search(r"ARG RAY_VERSION=(\S+)", dockerfile).group(1)
+    images = {load_docs(ROOT / "infra/cluster.yaml")[0]["docker"]["image"]}
+    for path, doc in manifests():
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == ray_version, path
+        images |= set(re.findall(r"image: (\S+)", yaml.safe_dump(doc)))
+    assert len(images) == 1, images
+
+
+def test_dockerfile_installs_like_the_makefile() -> None:
+    text = (ROOT / "infra/Dockerfile").read_text()
+    assert re.search(r"^FROM \$\{CUDA_IMAGE\}", text, re.MULTILINE)
+    assert re.search(r"^ARG CUDA_IMAGE=nvidia/cuda:\S+-devel-", text, re.MULTILINE), "DeepSpeed ops need nvcc"
+    torch_version = re.search(r"ARG TORCH_VERSION=(\S+)", text).group(1)
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    torch_req = Requirement(re.search(r'"(torch[<>=!~][^"]*)"', pyproject).group(1))
+    assert torch_req.specifier.contains(torch_version), (torch_req, torch_version)
+    order = [text.index(s) for s in ("cython", "torch==${TORCH_VERSION}", "--no-build-isolation youtokentome",
+                                     "DS_BUILD_FUSED_ADAM=1", "pip install \"ray")]
+    assert order == sorted(order), "install order: cython, torch, youtokentome, deepspeed ops, project"
+
+
+def test_rayjob_runtime_env_matches_infra_runtime_env() -> None:
+    runtime_env = load_docs(ROOT / "infra/runtime_env.yaml")[0]
+    assert runtime_env["env_vars"]["NO_ALBUMENTATIONS_UPDATE"] == "1"
+    assert ".venv" in runtime_env["excludes"]
+    for path, doc in manifests():
+        if doc["kind"] == "RayJob":
+            assert yaml.safe_load(doc["spec"]["runtimeEnvYAML"])["env_vars"] == runtime_env["env_vars"], path
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_cluster_configs_load_with_the_paper_token_layout(name: str) -> None:
+    cfg = Config.load(ROOT / f"configs/{name}.yaml")
+    assert (cfg.dalle.text_seq_len, cfg.dalle.image_seq_len, cfg.dalle.num_image_tokens) == (256, 1024, 8192)
+    assert cfg.vae.image_size == 256 and cfg.vae.num_layers == 3
+    train = cfg.train
+    assert train.use_gpu and train.precision == "bf16" and train.zero_stage in (2, 3)
+    assert train.num_workers == {"base": 8, "large": 64}[name]
+    paths = cfg.paths.resolved()
+    for key in ("raw", "shards", "runs", "evaluation"):
+        assert getattr(paths, key).startswith("s3://"), key
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_yaml_comments_state_what_the_code_computes(name: str) -> None:
+    """The arithmetic written beside the config values is the dry-run's, so it cannot silently go stale."""
+    text = (ROOT / f"configs/{name}.yaml").read_text()
+    plan = plan_resources("train", Config.load(ROOT / f"configs/{name}.yaml"))
+    tokens = int(re.search(r"# tokens per step: .*= ([\d,]+) tokens", text).group(1).replace(",", ""))
+    assert tokens == plan["deepspeed"]["tokens_per_step"]
+    total = float(re.search(r"#\s+total\s+~ ([\d.]+) GiB", text).group(1))
+    assert total == pytest.approx(plan["memory_per_worker"]["total_gib"], abs=0.1)
+    params = float(re.search(r"# params: ([\d.]+) B", text).group(1))
+    assert params == pytest.approx(plan["model"]["params"] / 1e9, abs=0.01)
+    flops = float(re.search(r"FLOPs per token \(DALLE.flops_per_token\): ([\d.]+) GFLOP", text).group(1))
+    assert flops == pytest.approx(plan["model"]["flops_per_token"] / 1e9, rel=0.01)
+    per_gpu = float(re.search(r"at 40% MFU ([\d.]+) k tokens/s/GPU", text).group(1))
+    assert per_gpu == pytest.approx(plan["throughput_per_worker"]["tokens_per_s"] / 1e3, rel=0.01)
+    assert plan["memory_per_worker"]["total_gib"] < 80
+
+
+def test_dry_run_prints_the_resources_each_cluster_job_asks_for(dry_runs: dict[str, dict[str, Any]]) -> None:
+    train, pre, ev = dry_runs["train"], dry_runs["pretokenize"], dry_runs["evaluate"]
+    assert train["total"]["GPU"] == 64 and train["resources_per_worker"]["GPU"] == 1
+    assert train["deepspeed"]["zero_stage"] == 3 and train["memory_per_worker"]["total_gib"] < 80
+    assert pre["total"]["GPU"] == 8 and pre["encode_actors"]["actors_per_gpu"] == 2
+    assert ev["total"]["GPU"] == 16 and ev["generator"]["resources_per_replica"]["GPU"] == 1
+    assert ev["generator_memory_gib"]["total"] < 80
+
+
+def test_each_rayjob_cluster_holds_what_its_job_plans_to_ask_for(dry_runs: dict[str, dict[str, Any]]) -> None:
+    for path, doc in manifests():
+        if doc["kind"] != "RayJob":
+            continue
+        script, config = entrypoint_job_and_config(doc["spec"]["entrypoint"])
+        assert config == "configs/large.yaml", path
+        cluster = doc["spec"]["rayClusterSpec"]
+        needed = dry_runs[Path(script).stem]["total"]
+        assert gpu_capacity(cluster) == needed["GPU"], f"{path}: GPUs idle or missing"
+        cpus = sum(g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+                   for g in cluster["workerGroupSpecs"])
+        assert cpus >= needed["CPU"], path
+
+
+def test_dry_run_rejects_a_bad_config_with_a_clear_message(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  zero_stage: 5\n")
+    proc = subprocess.run([sys.executable, "jobs/dry_run.py", "--job", "train", "--config", str(bad)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "train.zero_stage" in proc.stderr
+
+
+def test_activation_constant_matches_what_autograd_saves() -> None:
+    """Re-measures ACTIVATION_ELEMENTS_PER_DIM: bytes autograd keeps per token per layer, divided by dim."""
+
+    def saved_bytes(depth: int) -> tuple[int, int]:
+        torch.manual_seed(0)
+        cfg = DALLEConfig(num_text_tokens=64, text_seq_len=16, num_image_tokens=64, image_fmap_size=8, dim=256,
+                          depth=depth, heads=4, dim_head=64)
+        model = DALLE(cfg).to(torch.bfloat16)
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+            return t
+
+        text, codes = torch.randint(1, 64, (2, 16)), torch.randint(0, 64, (2, 64))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(text, codes, return_loss=True)
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        return sum(n for ptr, n in storages.items() if ptr not in weights), 2 * cfg.seq_len
+
+    (shallow, tokens), (deep, _) = saved_bytes(1), saved_bytes(3)
+    per_dim = (deep - shallow) / 2 / tokens / 256 / 2  # per layer, per token, per dim, in bf16 elements
+    assert per_dim == pytest.approx(ACTIVATION_ELEMENTS_PER_DIM, rel=0.15)
