@@ -35,22 +35,30 @@ MODEL_REGISTRY: dict[str, tuple[str, str, str]] = {
 _PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
 
 
+TMP_PREFIX = ".tmp-"  # files being written; never a finished output
+
+
+def write_local_atomically(path: str, data: bytes) -> None:
+    """Creates parent folders and writes through a temporary file renamed into place, so a crash never leaves
+    a truncated file under the final name."""
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to a local path or fsspec URL. Local writes create parent folders and go through a
-    temporary file renamed into place, so a crash never leaves a truncated file under the final name."""
+    """Writes ``data`` to a local path (atomically) or an fsspec URL."""
     fs, fs_path = fsspec.core.url_to_fs(path)
     if isinstance(fs, LocalFileSystem):
-        parent = os.path.dirname(os.path.abspath(fs_path))
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, fs_path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_local_atomically(fs_path, data)
         return
     with fs.open(fs_path, "wb") as f:
         f.write(data)

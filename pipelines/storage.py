@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import tempfile
 from typing import Any
 
 import fsspec
@@ -23,7 +22,7 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-TMP_PREFIX = ".tmp-"
+from dalle_core.checkpoint import TMP_PREFIX, write_local_atomically
 
 
 def is_local(path: str) -> bool:
@@ -106,17 +105,7 @@ def write_bytes(path: str, data: bytes) -> None:
     """Writes a whole file atomically (see the module docstring), creating local parent folders."""
     fs, inner = filesystem(path)
     if isinstance(fs, LocalFileSystem):
-        parent = os.path.dirname(os.path.abspath(inner))
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
-        try:
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-            os.replace(tmp, inner)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        write_local_atomically(inner, data)
         return
     fs.pipe_file(inner, data)
 
