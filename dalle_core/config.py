@@ -342,6 +342,7 @@ class TrainConfig:
     resources_per_worker: dict[str, float] = field(default_factory=dict)
     placement_strategy: str = "PACK"
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer; 0 keeps the shard order
+    materialize: bool = False  # keep the token rows in the object store (sets that fit): epochs restart at once
     peak_flops_per_worker: float = 0.0  # for MFU; 0 measures a matmul on each worker at start
     zero3_persistence_threshold: int = 100_000  # params smaller than this stay unpartitioned at ZeRO-3
 
@@ -505,6 +506,8 @@ class TrainVAEConfig:
     use_gpu: bool = False
     batch_size: int = 32  # per worker
     max_steps: int = 500
+    precision: str = "fp32"  # bf16 = autocast (the weights and optimiser stay fp32)
+    materialize: bool = False  # decode once, keep the pictures in the object store (sets that fit)
     log_every: int = 20
     sample_every: int = 100  # reconstruction PNG grid (originals over reconstructions)
     checkpoint_every: int = 100
@@ -522,6 +525,8 @@ class TrainVAEConfig:
                     "keep_checkpoints"):
             _check(getattr(self, key) >= 1, f"{name}.{key}", f"must be >= 1, got {getattr(self, key)}")
         _check(self.cpus_per_worker > 0, f"{name}.cpus_per_worker", "must be > 0")
+        _check(self.precision in ("fp32", "bf16"), f"{name}.precision",
+               f"must be fp32 or bf16, got {self.precision!r}")
         _check(self.temperature_min > 0, f"{name}.temperature_min", f"must be > 0, got {self.temperature_min}")
         _check(self.anneal_rate >= 0, f"{name}.anneal_rate", "must be >= 0 (0 keeps vae.temperature)")
         _check(self.max_failures >= -1, f"{name}.max_failures", "must be >= -1 (-1 retries forever)")

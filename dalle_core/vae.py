@@ -109,6 +109,11 @@ class DiscreteVAE(nn.Module):
         finally:
             self.train(was_training)
 
+    @torch.no_grad()
+    def reconstruct(self, images: Tensor) -> Tensor:
+        """``decode(get_codebook_indices(images))``: exactly what DALLE's image tokens can express."""
+        return self.decode(self.get_codebook_indices(images))
+
     def _decode_embeds(self, embeds: Tensor) -> Tensor:
         """Decoder output mapped back from [-1, 1] to [0, 1] (unclamped)."""
         return (self.decoder(embeds) + 1) / 2

@@ -25,6 +25,9 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from dalle_core.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError, load_yaml  # noqa: E402
+from pipelines import storage  # noqa: E402
+from pipelines.cli import LOCAL_MIN_CPUS  # noqa: E402
+from pipelines.evaluation import format_metrics  # noqa: E402
 
 
 def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:
@@ -53,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=INGEST_SOURCES, default="folder", help="kind of --input")
     parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
     parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
-    parser.add_argument("--num-cpus", type=int, default=8,
+    parser.add_argument("--num-cpus", type=int, default=LOCAL_MIN_CPUS,
                         help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
                              "Ray Data)")
     args = parser.parse_args(argv)
@@ -105,6 +108,10 @@ def main(argv: list[str] | None = None) -> int:
     for key in ("raw", "tokenizer", "vae", "shards", "runs", "clip", "evaluation"):
         print(f"{key:>12}: {getattr(paths, key)}")
     print(f"\n=== seconds per stage: {json.dumps(timings)} (total {sum(timings.values()):.0f})")
+    metrics_path = storage.join(paths.evaluation, "metrics.json")
+    if storage.exists(metrics_path):
+        print(f"\n=== metrics ({metrics_path}; report.html beside it)")
+        print(format_metrics(storage.read_json(metrics_path)))
     return 0
 
 

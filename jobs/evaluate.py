@@ -9,19 +9,15 @@ Writes top-k PNGs, grid.png, results.parquet, metrics.json and report.html to th
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import ray
-
-from dalle_core.config import DEFAULT_CONFIG, Config
+from pipelines.cli import connect_ray, job_parser, load_job_config
 from pipelines.evaluation import load_prompts, resolve_model_paths, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--checkpoint", help="DALLE model file; default: newest under paths.runs")
     parser.add_argument("--vae")
     parser.add_argument("--tokenizer")
@@ -33,20 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--http-port", type=int, help="evaluate.http_port")
     args = parser.parse_args(argv)
 
-    overrides = {}
-    if args.prompts:
-        overrides["evaluate.prompt_source"] = "parquet" if args.prompts.endswith(".parquet") else "text"
-        overrides["evaluate.prompts_path"] = args.prompts
-    if args.column:
-        overrides["evaluate.prompt_column"] = args.column
-    if args.num_prompts is not None:
-        overrides["evaluate.num_prompts"] = args.num_prompts
-    if args.http_port:
-        overrides["evaluate.http_port"] = args.http_port
-    config = Config.load(args.config, overrides)
+    source = None if not args.prompts else "parquet" if args.prompts.endswith(".parquet") else "text"
+    config = load_job_config("evaluate", args.config, {
+        "evaluate.prompt_source": source, "evaluate.prompts_path": args.prompts,
+        "evaluate.prompt_column": args.column, "evaluate.num_prompts": args.num_prompts,
+        "evaluate.http_port": args.http_port})
+    if config is None:
+        return 2
     paths = resolve_model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
     prompts = load_prompts(config)
-    ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts a local one
+    connect_ray()
     metrics = run_evaluation(config, paths, args.output or config.paths.resolved().evaluation, prompts)
     print(json.dumps(metrics, indent=2))
     return 0

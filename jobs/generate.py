@@ -7,7 +7,6 @@ the config's ``paths`` section (the newest DALLE checkpoint under ``paths.runs``
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import json
 import sys
@@ -15,14 +14,13 @@ import sys
 import fsspec
 
 from dalle_core.checkpoint import load_model
-from dalle_core.config import DEFAULT_CONFIG, Config
 from dalle_core.sampling import generate_prompt, latest_checkpoint, load_generator, make_grid, png_bytes
 from dalle_core.tokenizer import BPETokenizer
+from pipelines.cli import job_parser, load_job_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", "--num-candidates", type=int, help="default: sampling.num_candidates")
     parser.add_argument("--checkpoint", help="DALLE model file; default: newest under paths.runs")
@@ -38,12 +36,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    overrides = {f"sampling.{k}": v for k, v in (("seed", args.seed), ("temperature", args.temperature),
-                                                ("top_k", args.top_k), ("cond_scale", args.cond_scale),
-                                                ("num_candidates", args.num_candidates)) if v is not None}
-    if args.num_candidates is not None:
-        overrides["sampling.top_images"] = 1  # any n >= 1 is valid here; every candidate is written anyway
-    config = Config.load(args.config, overrides)
+    config = load_job_config("generate", args.config, {
+        "sampling.seed": args.seed, "sampling.temperature": args.temperature, "sampling.top_k": args.top_k,
+        "sampling.cond_scale": args.cond_scale, "sampling.num_candidates": args.num_candidates,
+        # any n >= 1 is valid here; every candidate is written anyway
+        "sampling.top_images": 1 if args.num_candidates is not None else None})
+    if config is None:
+        return 2
     paths = config.paths.resolved()
     checkpoint = args.checkpoint or latest_checkpoint(paths.runs, config.train.run_name)
     generator = load_generator(checkpoint, args.vae or paths.vae, args.device)

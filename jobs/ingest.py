@@ -11,7 +11,6 @@ With --output-format webdataset img2dataset writes tars: ingest those with --sou
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -19,17 +18,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray  # noqa: E402
-
-from dalle_core.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError  # noqa: E402
+from dalle_core.config import INGEST_SOURCES  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
 from pipelines.ingest import ingest_folder, ingest_url_list, ingest_webdataset  # noqa: E402
 
 RUNNERS = {"urls": ingest_url_list, "folder": ingest_folder, "webdataset": ingest_webdataset}
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--source", choices=INGEST_SOURCES, default=None, help="ingest.source")
     parser.add_argument("--input", required=True, help="URL list file, image folder or tar folder (local or s3://)")
     parser.add_argument("--output", default=None, help="raw shard folder, local or s3:// (paths.raw)")
@@ -41,14 +38,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"ingest.source": args.source, "ingest.url_col": args.url_col, "ingest.caption_col": args.caption_col,
              "ingest.output_format": args.output_format, "ingest.samples_per_shard": args.samples_per_shard}
-    try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-    except ConfigError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
+    config = load_job_config("ingest", args.config, flags)
+    if config is None:
         return 2
     output = args.output or config.paths.resolved().raw
-    if config.ingest.source != "urls" and not ray.is_initialized():
-        ray.init(address=args.address)
+    if config.ingest.source != "urls":  # img2dataset runs its own processes
+        connect_ray(args.address)
     start = time.perf_counter()
     try:
         counts = RUNNERS[config.ingest.source](args.input, output, config.ingest)

@@ -8,7 +8,6 @@ Training pairs go to <output>/part-*.parquet, held-out (color, shape) pairs to <
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -16,13 +15,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from dalle_core.config import ConfigError  # noqa: E402
+from pipelines.cli import job_parser, load_job_config  # noqa: E402
 from pipelines.synthetic import write_synthetic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--output", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--num-samples", type=int, default=None, help="synthetic.num_samples")
     parser.add_argument("--seed", type=int, default=None, help="synthetic.seed")
@@ -30,10 +29,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"synthetic.num_samples": args.num_samples, "synthetic.seed": args.seed,
              "synthetic.image_size": args.image_size}
-    try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-    except ConfigError as exc:
-        print(f"make_synthetic: {exc}", file=sys.stderr)
+    config = load_job_config("make_synthetic", args.config, flags)
+    if config is None:
         return 2
     output = args.output or config.paths.resolved().raw
     start = time.perf_counter()

@@ -10,22 +10,18 @@ input pair was rejected (the reasons are printed and kept in <output>/rejects/).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray  # noqa: E402
-
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
 from pipelines.pretokenize import PretokenizeError, run_pretokenize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--output", default=None, help="token shard folder, local or s3:// (paths.shards)")
     parser.add_argument("--tokenizer", default=None, help="BPE model (paths.tokenizer)")
@@ -38,14 +34,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"pretokenize.batch_size": args.batch_size, "pretokenize.concurrency": args.concurrency,
              "pretokenize.num_gpus_per_actor": args.num_gpus_per_actor, "pretokenize.overwrite": args.overwrite}
-    try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-    except ConfigError as exc:
-        print(f"pretokenize: {exc}", file=sys.stderr)
+    config = load_job_config("pretokenize", args.config, flags)
+    if config is None:
         return 2
     paths = config.paths.resolved()
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    connect_ray(args.address)
     try:
         summary = run_pretokenize(args.input or paths.raw, args.output or paths.shards,
                                   args.tokenizer or paths.tokenizer, args.vae or paths.vae,

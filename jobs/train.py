@@ -19,13 +19,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from dalle_core.config import ConfigError  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
 from pipelines.train_loop import build_trainer, load_checked_manifest, run_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--shards", default=None, help="token shard folder with manifest.json (paths.shards)")
     parser.add_argument("--manifest", default=None, help="manifest path (default: <shards>/manifest.json)")
     parser.add_argument("--storage-path", default=None, help="run storage, local or s3:// (paths.runs)")
@@ -43,10 +43,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     flags = {"train.num_workers": args.num_workers, "train.zero_stage": args.zero_stage,
              "train.precision": args.precision, "train.max_steps": args.max_steps}
+    config = load_job_config("train", args.config, flags)
+    if config is None:
+        return 2
+    paths = config.paths.resolved()
+    shards = args.shards or paths.shards
     try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-        paths = config.paths.resolved()
-        shards = args.shards or paths.shards
         manifest = load_checked_manifest(config, shards, args.manifest)
     except (ConfigError, FileNotFoundError) as exc:
         print(f"train: {exc}", file=sys.stderr)
@@ -54,13 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     storage = args.storage_path or paths.runs
     name = args.run_name or config.train.run_name
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
     if not config.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    if not ray.is_initialized():  # tests and notebooks may have connected already
-        # A local Ray's workers need the CPU accelerator too; on a cluster the workers set it themselves.
-        cpu_env = {"env_vars": {"DS_ACCELERATOR": "cpu"}} if not config.train.use_gpu else None
-        ray.init(address=address) if address else ray.init(runtime_env=cpu_env)
+    # A local Ray's workers need the CPU accelerator too; on a cluster the workers set it themselves.
+    local_cpu = not (args.address or os.environ.get("RAY_ADDRESS") or config.train.use_gpu)
+    connect_ray(args.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if local_cpu else None)
     ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = build_trainer(config, manifest, shards_dir=shards, storage_path=storage, run_name=name,
                             job_start=job_start)

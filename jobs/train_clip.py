@@ -9,19 +9,15 @@ Writes a self-describing checkpoint (``dalle_core.checkpoint.load_model`` reads 
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import ray
-
-from dalle_core.config import DEFAULT_CONFIG, Config
+from pipelines.cli import connect_ray, job_parser, load_job_config
 from pipelines.clip_train import run_train_clip
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--input", help="raw shards (paths.raw)")
     parser.add_argument("--tokenizer", help="BPE model (paths.tokenizer)")
     parser.add_argument("--output", help="CLIP model file (paths.clip)")
@@ -30,11 +26,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-workers", type=int, help="train_clip.num_workers")
     args = parser.parse_args(argv)
 
-    overrides = {f"train_clip.{k}": v for k, v in (("max_steps", args.max_steps), ("num_workers", args.num_workers))
-                 if v is not None}
-    config = Config.load(args.config, overrides)
+    config = load_job_config("train_clip", args.config, {"train_clip.max_steps": args.max_steps,
+                                                        "train_clip.num_workers": args.num_workers})
+    if config is None:
+        return 2
     paths = config.paths.resolved()
-    ray.init(ignore_reinit_error=True)  # joins the cluster under `ray job submit`, else starts a local one
+    connect_ray()
     metrics = run_train_clip(config, args.input or paths.raw, args.tokenizer or paths.tokenizer,
                              args.output or paths.clip, args.storage_path or paths.runs)
     print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))

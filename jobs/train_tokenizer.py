@@ -7,7 +7,6 @@
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 import time
@@ -15,31 +14,25 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-import ray  # noqa: E402
-
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
 from dalle_core.tokenizer import BPETokenizer  # noqa: E402
 from pipelines.captions import iter_captions  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--output", default=None, help="model file, local or s3:// (paths.tokenizer)")
     parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer.vocab_size")
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
     flags = {"tokenizer.vocab_size": args.vocab_size}
-    try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-    except ConfigError as exc:
-        print(f"train_tokenizer: {exc}", file=sys.stderr)
+    config = load_job_config("train_tokenizer", args.config, flags)
+    if config is None:
         return 2
     paths = config.paths.resolved()
     raw, output = args.input or paths.raw, args.output or paths.tokenizer
-    if not ray.is_initialized():
-        ray.init(address=args.address)
+    connect_ray(args.address)
     start = time.perf_counter()
     captions = list(iter_captions(raw))
     try:

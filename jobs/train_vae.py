@@ -5,12 +5,13 @@
 
 Checkpoints, metrics.jsonl, TensorBoard and reconstruction grids (samples/*.png) go to
 <storage-path>/<run-name>; the final self-describing dVAE is copied to --output (paths.vae). Rerunning with
-the same run name resumes.
+the same run name resumes. On the synthetic set, reconstruction.json in the run directory says how often
+decode(encode(x)) keeps colour and shape (the checker, on fresh pictures).
 """
 
 from __future__ import annotations
 
-import argparse
+import json
 import os
 import sys
 from pathlib import Path
@@ -19,16 +20,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import ray  # noqa: E402
 
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
 from pipelines import storage  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
 from pipelines.raw import list_raw_shards  # noqa: E402
+from pipelines.synthetic import dvae_reconstruction, has_ground_truth  # noqa: E402
 from pipelines.train_loop import run_dir  # noqa: E402
 from pipelines.train_vae_loop import build_vae_trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--output", default=None, help="final dVAE checkpoint (paths.vae)")
     parser.add_argument("--storage-path", default=None, help="run storage (paths.runs)")
@@ -38,21 +39,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
     flags = {"train_vae.num_workers": args.num_workers, "train_vae.max_steps": args.max_steps}
+    config = load_job_config("train_vae", args.config, flags)
+    if config is None:
+        return 2
+    paths = config.paths.resolved()
+    raw = args.input or paths.raw
     try:
-        config = Config.load(args.config, {k: v for k, v in flags.items() if v is not None})
-        paths = config.paths.resolved()
-        raw = args.input or paths.raw
         list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
-    except (ConfigError, FileNotFoundError) as exc:
+    except FileNotFoundError as exc:
         print(f"train_vae: {exc}", file=sys.stderr)
         return 2
     output = args.output or paths.vae
     storage_path = args.storage_path or paths.runs
     name = args.run_name or config.train_vae.run_name
 
-    address = args.address or os.environ.get("RAY_ADDRESS")
-    if not ray.is_initialized():  # tests and notebooks may have connected already
-        ray.init(address=address) if address else ray.init()
+    connect_ray(args.address)
     ray.data.DataContext.get_current().enable_progress_bars = False
     result = build_vae_trainer(config, raw=raw, storage_path=storage_path, run_name=name).fit()
     with result.checkpoint.as_directory() as ckpt:
@@ -62,6 +63,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint:     {where}/{os.path.basename(result.checkpoint.path)}")
     print(f"dVAE:           {output}")
     print(f"final metrics:  {result.metrics}")
+    if has_ground_truth(list_raw_shards(raw)[0]):  # the synthetic set: score what the codes keep
+        reconstruction = dvae_reconstruction(output, config.synthetic)
+        storage.write_json(f"{where}/reconstruction.json", reconstruction)
+        print(f"reconstruction: {json.dumps(reconstruction)} ({where}/reconstruction.json)")
     return 0
 
 

@@ -27,6 +27,7 @@ from PIL import Image
 
 from dalle_core.config import Config
 from dalle_core.sampling import STATUS_ERROR, batch_seed, latest_checkpoint, make_grid, png_bytes, rank_order
+from pipelines import synthetic
 from pipelines.serve_app import GENERATOR, SCORER, ModelPaths, build_app
 
 ATTRIBUTES = ("color", "shape", "size", "position")
@@ -47,8 +48,6 @@ def resolve_model_paths(config: Config, checkpoint: str | None = None, vae: str 
 def synthetic_prompts(config: Config, num_prompts: int) -> list[dict[str, Any]]:
     """Captions of the synthetic set with ground truth, half from held-out (color, shape) pairs (never seen in
     training) and half from seen pairs; ``pair_split`` says which. Fixed for a seed."""
-    from pipelines import synthetic
-
     num_prompts = num_prompts or 64
     held = synthetic.holdout_examples(config.synthetic)
     held_pairs = synthetic.holdout_set(config.synthetic)
@@ -98,8 +97,6 @@ def load_prompts(config: Config, source: str | None = None, path: str | None = N
 
 def check_attributes(image: np.ndarray) -> dict[str, str]:
     """The synthetic set's checker on one uint8 picture; "none" for every attribute when it finds no shape."""
-    from pipelines import synthetic
-
     found = synthetic.check_picture(image)
     return asdict(found) if found is not None else {a: "none" for a in ATTRIBUTES}
 
@@ -212,6 +209,64 @@ def compute_metrics(results: pd.DataFrame) -> dict[str, Any]:
     return metrics
 
 
+# The demo's quality bar on the synthetic set: (what, where in metrics.json, minimum). A minimum given as a path
+# is another metric the value must exceed (reranking must beat a random candidate).
+QUALITY_BAR: tuple[tuple[str, str, float | str], ...] = (
+    ("top-1 colour, seen (color, shape) pairs", "attribute_accuracy.seen.top1.color", 0.90),
+    ("top-1 shape, seen (color, shape) pairs", "attribute_accuracy.seen.top1.shape", 0.75),
+    ("top-1 colour, held-out (color, shape) pairs", "attribute_accuracy.heldout.top1.color", 0.70),
+    ("reranking beats a random candidate (all four, seen)", "attribute_accuracy.seen.top1.all",
+     "attribute_accuracy.seen.random.all"),
+    ("dVAE keeps colour and shape (fresh pictures)", "vae_reconstruction.all.both", 0.98),
+)
+
+
+def _lookup(metrics: dict[str, Any], path: str) -> float | None:
+    value: Any = metrics
+    for part in path.split("."):
+        value = value.get(part) if isinstance(value, dict) else None
+    return value
+
+
+def quality_bar(metrics: dict[str, Any]) -> list[dict[str, Any]]:
+    """Each check of :data:`QUALITY_BAR` with its value, minimum and verdict; checks whose metrics are absent
+    (real-data prompts, no dVAE score) are left out."""
+    checks = []
+    for name, path, minimum in QUALITY_BAR:
+        value = _lookup(metrics, path)
+        bound = _lookup(metrics, minimum) if isinstance(minimum, str) else minimum
+        if value is not None and bound is not None:
+            checks.append({"check": name, "value": value, "minimum": bound,
+                           "strict": isinstance(minimum, str),
+                           "passed": value > bound if isinstance(minimum, str) else value >= bound})
+    return checks
+
+
+def format_metrics(metrics: dict[str, Any]) -> str:
+    """metrics.json as plain-text tables: attribute accuracy, CLIP scores, dVAE reconstruction, quality bar
+    (what the demo prints last)."""
+    clip = metrics["clip_score"]
+    lines = [f"prompts {metrics['num_prompts']} {json.dumps(metrics['status_counts'])}; mean CLIP score top-1 "
+             f"{_fmt(clip['top1_mean'])}, random candidate {_fmt(clip['random_mean'])}"]
+    accuracy = metrics.get("attribute_accuracy", {})
+    if accuracy:
+        lines += ["", f"{'pairs':<8} {'pick':<7}" + "".join(f"{a:>9}" for a in (*ATTRIBUTES, "all")) + f"{'n':>5}"]
+        for split, picks in accuracy.items():
+            for pick, entry in picks.items():
+                lines.append(f"{split:<8} {pick:<7}" + "".join(f"{entry[a]:>9.1%}" for a in (*ATTRIBUTES, "all"))
+                             + f"{entry['n']:>5}")
+    if "vae_reconstruction" in metrics:
+        lines += ["", f"{'dVAE decode(encode(x))':<23}{'color':>9}{'shape':>9}{'both':>9}{'n':>6}"]
+        lines += [f"{split + ' pairs':<23}{e['color']:>9.1%}{e['shape']:>9.1%}{e['both']:>9.1%}{e['n']:>6}"
+                  for split, e in metrics["vae_reconstruction"].items()]
+    if metrics.get("quality_bar"):
+        lines += ["", f"{'quality bar':<54} {'value':>7} {'bar':>9}  verdict"]
+        for c in metrics["quality_bar"]:
+            bar = f"{'>' if c['strict'] else '>='} {c['minimum']:.1%}"
+            lines.append(f"{c['check']:<54} {c['value']:>7.1%} {bar:>9}  {'pass' if c['passed'] else 'MISSED'}")
+    return "\n".join(lines)
+
+
 def _nullable(results: pd.DataFrame) -> pd.DataFrame:
     """Sentinels used while rows travel through Ray Data (-1, "", NaN) become real nulls on disk."""
     out = results.copy()
@@ -251,6 +306,9 @@ def write_report(output: str, results: pd.DataFrame, metrics: dict[str, Any], gr
         scores = ", ".join(f"{s:.3f}" for s in group["score"])
         table.append(f"<tr><td>{html.escape(first['prompt'])}</td><td class='imgs'>{cells}</td>"
                      f"<td class='scores'>{scores}</td></tr>")
+    bar = "".join(f"<tr class='{'' if c['passed'] else 'bad'}'><td>{html.escape(c['check'])}</td>"
+                  f"<td>{c['value']:.1%}</td><td>{'>' if c['strict'] else '&ge;'} {c['minimum']:.1%}</td>"
+                  f"<td>{'pass' if c['passed'] else 'MISSED'}</td></tr>" for c in metrics.get("quality_bar", []))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>DALL-E evaluation</title><style>
 body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
 td,th{{border-bottom:1px solid #ddd;padding:6px 10px;vertical-align:middle;text-align:left}}
@@ -262,6 +320,8 @@ tr.bad td{{color:#a00}} pre{{background:#f6f6f6;padding:12px;font-size:12px}} .g
 <p>{metrics['num_prompts']} prompts, status: {html.escape(json.dumps(metrics['status_counts']))};
 mean CLIP score top-1 {_fmt(metrics['clip_score']['top1_mean'])} vs random candidate
 {_fmt(metrics['clip_score']['random_mean'])}.</p>
+{"<h2>Quality bar</h2><table><tr><th>check</th><th>value</th><th>bar</th><th>verdict</th></tr>" + bar + "</table>"
+ if bar else ""}
 <h2>Grid (prompts as rows, best candidate first)</h2>
 {"<img class='grid' src='grid.png' style='width:auto;height:auto'>" if rows else "<p>no accepted prompts</p>"}
 <h2>Per prompt (top candidates with CLIP score; all scores, best first)</h2>
@@ -308,6 +368,9 @@ def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.Da
     """results.parquet, metrics.json, grid.png and report.html; returns the metrics."""
     out = output.rstrip("/")
     metrics = compute_metrics(results)
+    if config.evaluate.prompt_source == "synthetic":
+        metrics["vae_reconstruction"] = synthetic.dvae_reconstruction(paths.vae, config.synthetic)
+        metrics["quality_bar"] = quality_bar(metrics)
     metrics.update(sampling=asdict(config.sampling), models=asdict(paths), output=out, **timing)
     with fsspec.open(f"{out}/results.parquet", "wb") as f:
         _nullable(results).to_parquet(f, index=False)

@@ -94,6 +94,8 @@ def build_trainer(config: Config, manifest: dict[str, Any], *, shards_dir: str, 
     filesystem = storage.arrow_filesystem(paths[0])[0]
     ds = ray.data.read_parquet([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem)
     ds = ds.select_columns(TOKEN_COLUMNS)
+    if train.materialize:  # otherwise every epoch re-reads the shards (new read tasks, seconds on a small machine)
+        ds = ds.materialize()
     loop_config = {
         "config": config,
         "run_dir": run_dir(storage_path, run_name),

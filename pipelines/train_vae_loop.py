@@ -59,6 +59,8 @@ def build_vae_trainer(config: Config, *, raw: str, storage_path: str, run_name: 
     ds = ray.data.read_parquet([storage.arrow_filesystem(s)[1] for s in shards], filesystem=filesystem)
     ds = ds.select_columns(["jpg", "status"]).map_batches(
         decode_batch, fn_kwargs={"image_size": vae.image_size, "channels": vae.channels}, batch_format="numpy")
+    if tv.materialize:  # otherwise every epoch re-reads and re-decodes the pictures
+        ds = ds.materialize()
     store_fs, store_path = storage.arrow_filesystem(storage_path)
     resources = {"CPU": tv.cpus_per_worker, **({"GPU": 1} if tv.use_gpu else {})}
     return TorchTrainer(
@@ -102,11 +104,7 @@ def _good_rows(pixels: np.ndarray, ok: np.ndarray, device: torch.device) -> tupl
 def _save_samples(model: DiscreteVAE, images: torch.Tensor, path: str) -> None:
     """Originals over their hard-code reconstructions, as one PNG."""
     images = images[:SAMPLE_IMAGES]
-    was_training = model.training
-    with torch.no_grad():
-        recons = model.decode(model.get_codebook_indices(images))
-    model.train(was_training)
-    grid = image_grid([images, recons])
+    grid = image_grid([images, model.reconstruct(images)])
     buffer = io.BytesIO()
     Image.fromarray(grid if grid.shape[2] == 3 else grid[..., 0]).save(buffer, format="PNG")
     storage.write_bytes(path, buffer.getvalue())
@@ -151,7 +149,8 @@ def train_vae_per_worker(loop_config: dict[str, Any]) -> None:
                 continue
             images, weight = _good_rows(batch["pixels"], batch["ok"], device)
             temp = annealed_temperature(step, config.vae.temperature, tv.anneal_rate, tv.temperature_min)
-            loss, recon_loss, kl_div = model(images, temp)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tv.precision == "bf16"):
+                loss, recon_loss, kl_div = model(images, temp)
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
             if tv.optim.grad_clip > 0:

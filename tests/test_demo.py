@@ -9,6 +9,8 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
+from pipelines.evaluation import QUALITY_BAR
+
 ROOT = Path(__file__).resolve().parents[1]
 
 TOY = {
@@ -17,9 +19,10 @@ TOY = {
     "vae": {"image_size": 16, "num_layers": 2, "num_tokens": 16, "codebook_dim": 16, "hidden_dim": 16},
     "dalle": {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16},
     "clip": {"patch_size": 8, "dim_text": 32, "dim_image": 32, "dim_latent": 32, "text_depth": 1, "image_depth": 1},
-    "train_vae": {"batch_size": 16, "max_steps": 6, "log_every": 3, "sample_every": 6, "checkpoint_every": 6},
+    "train_vae": {"batch_size": 16, "max_steps": 6, "log_every": 3, "sample_every": 6, "checkpoint_every": 6,
+                  "precision": "bf16", "materialize": True},
     "train": {"num_workers": 1, "zero_stage": 1, "batch_size": 16, "max_steps": 4, "checkpoint_every": 4,
-              "log_every": 2},
+              "log_every": 2, "materialize": True},
     "train_clip": {"batch_size": 16, "max_steps": 4, "log_every": 2},
     "sampling": {"num_candidates": 2, "top_images": 1},
     "evaluate": {"num_prompts": 4, "max_batch_size": 2},
@@ -34,11 +37,14 @@ def test_demo_runs_the_whole_chain_and_writes_every_artifact(tmp_path):
                           env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "=== seconds per stage" in proc.stdout
+    assert "quality bar" in proc.stdout.split("=== metrics")[-1]  # it ends with the metrics table
 
     out = tmp_path / "out"
     assert sorted((out / "raw").glob("part-*.parquet")) and sorted((out / "raw" / "holdout").glob("*.parquet"))
     assert (out / "tokenizer" / "bpe.model").exists()
     assert (out / "vae" / "vae.pt").exists()
+    reconstruction = json.loads((out / "runs" / "vae" / "reconstruction.json").read_text())
+    assert reconstruction["all"]["n"] == reconstruction["seen"]["n"] + reconstruction["heldout"]["n"]
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
     rows = sum(shard["rows"] for shard in manifest["shards"])
     assert rows == sum(pq.read_metadata(p).num_rows for p in (out / "raw").glob("part-*.parquet"))
@@ -51,7 +57,9 @@ def test_demo_runs_the_whole_chain_and_writes_every_artifact(tmp_path):
     for name in ("grid.png", "results.parquet", "metrics.json", "report.html"):
         assert (evaluation / name).exists(), name
     metrics = json.loads((evaluation / "metrics.json").read_text())
-    assert {"num_prompts", "status_counts", "clip_score", "attribute_accuracy", "sampling", "models"} <= set(metrics)
+    assert {"num_prompts", "status_counts", "clip_score", "attribute_accuracy", "vae_reconstruction", "quality_bar",
+            "sampling", "models"} <= set(metrics)
+    assert {c["check"] for c in metrics["quality_bar"]} == {check for check, _, _ in QUALITY_BAR}
     assert metrics["num_prompts"] == 4
     assert {"top1_mean", "random_mean"} <= set(metrics["clip_score"])
     for split in ("seen", "heldout"):

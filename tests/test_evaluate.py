@@ -16,7 +16,14 @@ from conftest import free_port
 from PIL import Image
 from ray import serve
 
-from pipelines.evaluation import compute_metrics, load_prompts, resolve_model_paths, run_evaluation
+from pipelines.evaluation import (
+    compute_metrics,
+    format_metrics,
+    load_prompts,
+    quality_bar,
+    resolve_model_paths,
+    run_evaluation,
+)
 from pipelines.serve_app import build_app
 
 BAD = {"empty": "   ", "too_long": "a small red circle on the left and a large blue square on the right side",
@@ -147,3 +154,23 @@ def test_metrics_split_attribute_accuracy_by_pair():
     assert acc["seen"]["top1"]["color"] == 1.0 and acc["seen"]["random"]["color"] == 0.0
     assert acc["heldout"]["top1"]["color"] == 0.0 and acc["heldout"]["top1"]["shape"] == 1.0
     assert np.isclose(acc["seen"]["top1"]["all"], 1.0) and acc["heldout"]["random"]["n"] == 1
+
+
+def test_quality_bar_verdicts_and_missing_metrics():
+    def entry(**values):
+        return {"color": 0.5, "shape": 0.5, "size": 0.5, "position": 0.5, "all": 0.5, "n": 10, **values}
+
+    metrics = {"attribute_accuracy": {
+        "seen": {"top1": entry(color=0.95, shape=0.70), "random": entry(all=0.6)},
+        "heldout": {"top1": entry(color=0.70)}}}
+    checks = {c["check"]: c for c in quality_bar(metrics)}
+    assert checks["top-1 colour, seen (color, shape) pairs"]["passed"]
+    assert not checks["top-1 shape, seen (color, shape) pairs"]["passed"]
+    assert checks["top-1 colour, held-out (color, shape) pairs"]["passed"]  # the minimum is inclusive
+    rerank = checks["reranking beats a random candidate (all four, seen)"]
+    assert not rerank["passed"] and rerank["minimum"] == 0.6 and rerank["strict"]
+    assert len(checks) == 4  # no dVAE score, so its check is left out rather than failed
+    metrics["vae_reconstruction"] = {"all": {"color": 1.0, "shape": 0.99, "both": 0.99, "n": 100}}
+    table = format_metrics(dict(metrics, num_prompts=1, status_counts={"ok": 1}, quality_bar=quality_bar(metrics),
+                                clip_score={"top1_mean": 0.5, "random_mean": None}))
+    assert "dVAE keeps colour and shape" in table and table.count("MISSED") == 2

@@ -19,6 +19,7 @@ from pipelines.synthetic import (
     holdout_examples,
     make_sample,
     parse_caption,
+    reconstruction_accuracy,
     render,
     sample_attributes,
     write_synthetic,
@@ -106,3 +107,31 @@ def test_checker_accepts_float_chw_and_reports_blank_pictures():
     assert check_picture(np.full((32, 32, 3), 10, dtype=np.uint8)) is None
     assert {a.shape for a in [check_picture(render(Attributes("white", s, "large", "left"),
                                                    32, np.random.default_rng(1))) for s in SHAPES]} == set(SHAPES)
+
+
+def test_reconstruction_accuracy_scores_fresh_pictures_per_split():
+    config = SyntheticConfig(num_samples=50, image_size=32, holdout_pairs=HOLDOUT)
+    seen_inputs = []
+
+    def identity(pixels):
+        seen_inputs.append(pixels.copy())
+        return pixels
+
+    perfect = reconstruction_accuracy(identity, config, num_samples=200, batch_size=64)
+    assert perfect["all"]["n"] == 200 and perfect["seen"]["n"] + perfect["heldout"]["n"] == 200
+    assert perfect["heldout"]["n"] > 0 and perfect["all"]["both"] >= 0.99
+    # fresh pictures: sample indices after the generated set's (none of them was trained on)
+    assert np.array_equal(seen_inputs[0][0], decode_jpeg(make_sample(config.seed, 50, 32)["jpg"]))
+
+    def blank(pixels):
+        return np.zeros_like(pixels)
+
+    def swap_red_for_blue(pixels):
+        out = pixels.copy()
+        red = np.all(np.abs(pixels.astype(int) - COLORS["red"]) < 40, axis=-1)
+        out[red] = COLORS["blue"]
+        return out
+
+    assert reconstruction_accuracy(blank, config, num_samples=40)["all"]["both"] == 0.0
+    swapped = reconstruction_accuracy(swap_red_for_blue, config, num_samples=200)["all"]
+    assert swapped["shape"] >= 0.95 and swapped["color"] < 0.95
