@@ -61,6 +61,7 @@ class VAEConfig:
     temperature: float = 0.9
     straight_through: bool = False
     kl_div_loss_weight: float = 0.0
+    diversity_loss_weight: float = 0.0
     smooth_l1_loss: bool = False
 
     @property
@@ -82,6 +83,7 @@ class VAEConfig:
         _check(self.num_resnet_blocks >= 0, f"{name}.num_resnet_blocks", "must be >= 0")
         _check(self.temperature > 0, f"{name}.temperature", f"must be > 0, got {self.temperature}")
         _check(self.kl_div_loss_weight >= 0, f"{name}.kl_div_loss_weight", "must be >= 0")
+        _check(self.diversity_loss_weight >= 0, f"{name}.diversity_loss_weight", "must be >= 0")
 
 
 @dataclass

@@ -4,7 +4,10 @@ Semantics follow DALLE-pytorch's ``DiscreteVAE``: a stride-2 conv encoder (optio
 blocks) ends in a 1x1 conv giving ``num_tokens`` logits per cell; training relaxes the categorical choice
 with gumbel-softmax at a temperature (hard one-hot with straight-through gradients if asked), mixes codebook
 vectors with it and decodes with transposed convs. Loss = reconstruction (MSE or smooth-L1) +
-``kl_div_loss_weight`` * KL(q || uniform). At inference the code of a cell is the argmax of its logits.
+``kl_div_loss_weight`` * KL(q || uniform) + ``diversity_loss_weight`` * (log N - entropy of the batch's mean
+code distribution). The last term (wav2vec 2.0's diversity loss) counters codebook collapse, where every cell of
+every picture picks among a handful of codes, without pushing any single cell towards a blurred choice as a
+strong KL term does. At inference the code of a cell is the argmax of its logits.
 
 Images enter and leave in [0, 1]; internally they live in [-1, 1].
 """
@@ -42,6 +45,7 @@ class VAELoss(NamedTuple):
     loss: Tensor
     recon_loss: Tensor
     kl_div: Tensor
+    diversity: Tensor  # log N - entropy of the mean code distribution: 0 when codes are used evenly
     recons: Tensor  # [B, C, H, W] in [0, 1], not clamped (gradients flow through it)
 
 
@@ -140,9 +144,13 @@ class DiscreteVAE(nn.Module):
         recon_loss = loss_fn(recons * 2 - 1, images * 2 - 1)  # measured in [-1, 1], as the reference does
         # KL(q || uniform), summed over cells and codes, averaged over the batch ("batchmean").
         log_q = F.log_softmax(logits, dim=1)
-        kl_div = (log_q.exp() * (log_q + math.log(self.num_tokens))).sum() / images.shape[0]
-        loss = recon_loss + self.config.kl_div_loss_weight * kl_div
-        return VAELoss(loss, recon_loss, kl_div, recons)
+        q = log_q.exp()
+        kl_div = (q * (log_q + math.log(self.num_tokens))).sum() / images.shape[0]
+        mean_q = q.mean(dim=(0, 2, 3))
+        diversity = math.log(self.num_tokens) + (mean_q * mean_q.clamp_min(1e-12).log()).sum()
+        cfg = self.config
+        loss = recon_loss + cfg.kl_div_loss_weight * kl_div + cfg.diversity_loss_weight * diversity
+        return VAELoss(loss, recon_loss, kl_div, diversity, recons)
 
     def forward(self, images: Tensor, return_loss: bool = False, return_recons: bool = False,
                 temp: float | None = None) -> Tensor | tuple[Tensor, Tensor]:

@@ -188,3 +188,23 @@ def test_codebook_usage_known_inputs() -> None:
         codebook_usage(torch.tensor([0, 4]), num_tokens=4)
     with pytest.raises(ValueError, match="at least one code"):
         codebook_usage(torch.tensor([], dtype=torch.long), num_tokens=4)
+
+
+def test_diversity_term_is_zero_for_even_use_and_weighted_into_the_loss() -> None:
+    torch.manual_seed(0)
+    images = torch.rand(2, 3, 16, 16)
+    plain = DiscreteVAE(tiny_config())
+    even = plain.compute_loss(images)
+    assert 0 <= float(even.diversity) < math.log(plain.num_tokens)
+    weighted = DiscreteVAE(tiny_config(diversity_loss_weight=0.5))
+    weighted.load_state_dict(plain.state_dict())
+    torch.manual_seed(1)
+    a = plain.compute_loss(images)
+    torch.manual_seed(1)
+    b = weighted.compute_loss(images)
+    assert torch.allclose(b.loss, a.loss + 0.5 * a.diversity)
+    with torch.no_grad():  # every cell certain of code 0: the batch uses one code, the most collapsed case
+        last = plain.encoder[-1]
+        last.weight.zero_()
+        last.bias.copy_(torch.where(torch.arange(plain.num_tokens) == 0, 50.0, -50.0))
+    assert float(plain.compute_loss(images).diversity) == pytest.approx(math.log(plain.num_tokens), abs=1e-3)
