@@ -47,6 +47,7 @@ class VAELoss(NamedTuple):
     kl_div: Tensor
     diversity: Tensor  # log N - entropy of the mean code distribution: 0 when codes are used evenly
     recons: Tensor  # [B, C, H, W] in [0, 1], not clamped (gradients flow through it)
+    codes: Tensor  # [B, image_seq_len] argmax codes of this pass (what get_codebook_indices would return)
 
 
 class DiscreteVAE(nn.Module):
@@ -150,7 +151,7 @@ class DiscreteVAE(nn.Module):
         diversity = math.log(self.num_tokens) + (mean_q * mean_q.clamp_min(1e-12).log()).sum()
         cfg = self.config
         loss = recon_loss + cfg.kl_div_loss_weight * kl_div + cfg.diversity_loss_weight * diversity
-        return VAELoss(loss, recon_loss, kl_div, diversity, recons)
+        return VAELoss(loss, recon_loss, kl_div, diversity, recons, logits.detach().argmax(dim=1).flatten(1))
 
     def forward(self, images: Tensor, return_loss: bool = False, return_recons: bool = False,
                 temp: float | None = None) -> Tensor | tuple[Tensor, Tensor]:

@@ -58,9 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     if not config.train.use_gpu:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
-    # A local Ray's workers need the CPU accelerator too; on a cluster the workers set it themselves.
-    local_cpu = not (args.address or os.environ.get("RAY_ADDRESS") or config.train.use_gpu)
-    connect_ray(args.address, runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}} if local_cpu else None)
+    connect_ray(args.address)  # workers set DS_ACCELERATOR themselves before importing DeepSpeed
     ray.data.DataContext.get_current().enable_progress_bars = False
     trainer = build_trainer(config, manifest, shards_dir=shards, storage_path=storage, run_name=name,
                             job_start=job_start)

@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None) -> int:
     paths = config.paths.resolved()
     raw = args.input or paths.raw
     try:
-        list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
+        shards = list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
     except FileNotFoundError as exc:
         print(f"train_vae: {exc}", file=sys.stderr)
         return 2
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"checkpoint:     {where}/{os.path.basename(result.checkpoint.path)}")
     print(f"dVAE:           {output}")
     print(f"final metrics:  {result.metrics}")
-    if has_ground_truth(list_raw_shards(raw)[0]):  # the synthetic set: score what the codes keep
+    if has_ground_truth(shards[0]):  # the synthetic set: score what the codes keep
         reconstruction = dvae_reconstruction(output, config.synthetic)
         storage.write_json(f"{where}/reconstruction.json", reconstruction)
         print(f"reconstruction: {json.dumps(reconstruction)} ({where}/reconstruction.json)")

@@ -242,6 +242,11 @@ def quality_bar(metrics: dict[str, Any]) -> list[dict[str, Any]]:
     return checks
 
 
+def describe_check(check: dict[str, Any]) -> tuple[str, str]:
+    """A quality-bar check's bar (``>= 90.0%``, or ``> 77.6%`` against another metric) and verdict."""
+    return f"{'>' if check['strict'] else '>='} {check['minimum']:.1%}", "pass" if check["passed"] else "MISSED"
+
+
 def format_metrics(metrics: dict[str, Any]) -> str:
     """metrics.json as plain-text tables: attribute accuracy, CLIP scores, dVAE reconstruction, quality bar
     (what the demo prints last)."""
@@ -262,8 +267,8 @@ def format_metrics(metrics: dict[str, Any]) -> str:
     if metrics.get("quality_bar"):
         lines += ["", f"{'quality bar':<54} {'value':>7} {'bar':>9}  verdict"]
         for c in metrics["quality_bar"]:
-            bar = f"{'>' if c['strict'] else '>='} {c['minimum']:.1%}"
-            lines.append(f"{c['check']:<54} {c['value']:>7.1%} {bar:>9}  {'pass' if c['passed'] else 'MISSED'}")
+            bar, verdict = describe_check(c)
+            lines.append(f"{c['check']:<54} {c['value']:>7.1%} {bar:>9}  {verdict}")
     return "\n".join(lines)
 
 
@@ -307,8 +312,8 @@ def write_report(output: str, results: pd.DataFrame, metrics: dict[str, Any], gr
         table.append(f"<tr><td>{html.escape(first['prompt'])}</td><td class='imgs'>{cells}</td>"
                      f"<td class='scores'>{scores}</td></tr>")
     bar = "".join(f"<tr class='{'' if c['passed'] else 'bad'}'><td>{html.escape(c['check'])}</td>"
-                  f"<td>{c['value']:.1%}</td><td>{'>' if c['strict'] else '&ge;'} {c['minimum']:.1%}</td>"
-                  f"<td>{'pass' if c['passed'] else 'MISSED'}</td></tr>" for c in metrics.get("quality_bar", []))
+                  f"<td>{c['value']:.1%}</td>" + "".join(f"<td>{html.escape(t)}</td>" for t in describe_check(c))
+                  + "</tr>" for c in metrics.get("quality_bar", []))
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>DALL-E evaluation</title><style>
 body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
 td,th{{border-bottom:1px solid #ddd;padding:6px 10px;vertical-align:middle;text-align:left}}

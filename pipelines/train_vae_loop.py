@@ -87,9 +87,9 @@ class LossParts(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: torch.Tensor, temp: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def forward(self, images: torch.Tensor, temp: float) -> tuple[torch.Tensor, ...]:
         parts = self.vae.compute_loss(images, temp)
-        return parts.loss, parts.recon_loss, parts.kl_div
+        return parts.loss, parts.recon_loss, parts.kl_div, parts.codes
 
 
 def _good_rows(pixels: np.ndarray, ok: np.ndarray, device: torch.device) -> tuple[torch.Tensor, float]:
@@ -150,7 +150,7 @@ def train_vae_per_worker(loop_config: dict[str, Any]) -> None:
             images, weight = _good_rows(batch["pixels"], batch["ok"], device)
             temp = annealed_temperature(step, config.vae.temperature, tv.anneal_rate, tv.temperature_min)
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tv.precision == "bf16"):
-                loss, recon_loss, kl_div = model(images, temp)
+                loss, recon_loss, kl_div, codes = model(images, temp)
             optimizer.zero_grad(set_to_none=True)
             (loss * weight).backward()
             if tv.optim.grad_clip > 0:
@@ -162,7 +162,7 @@ def train_vae_per_worker(loop_config: dict[str, Any]) -> None:
             sums += torch.tensor([loss.item(), recon_loss.item(), kl_div.item(), rejected, 1.0],
                                  dtype=torch.float64, device=device)
             if rank == 0:
-                codes_seen.append(vae.get_codebook_indices(images).cpu())
+                codes_seen.append(codes.cpu())
             if step % tv.log_every == 0 or step == tv.max_steps:
                 if world > 1:
                     torch.distributed.all_reduce(sums)

@@ -208,3 +208,10 @@ def test_diversity_term_is_zero_for_even_use_and_weighted_into_the_loss() -> Non
         last.weight.zero_()
         last.bias.copy_(torch.where(torch.arange(plain.num_tokens) == 0, 50.0, -50.0))
     assert float(plain.compute_loss(images).diversity.detach()) == pytest.approx(math.log(plain.num_tokens), abs=1e-3)
+
+
+def test_loss_pass_reports_the_codes_get_codebook_indices_gives() -> None:
+    torch.manual_seed(0)
+    model = DiscreteVAE(tiny_config())
+    images = torch.rand(3, 3, 16, 16)
+    assert torch.equal(model.compute_loss(images).codes, model.get_codebook_indices(images))
