@@ -24,11 +24,11 @@ import torch
 
 from dalle_core.checkpoint import save_model
 from dalle_core.clip import CLIP
-from dalle_core.config import Config
 from dalle_core.dalle import DALLE
 from dalle_core.sampling import PromptChecker
 from dalle_core.tokenizer import BPETokenizer
 from dalle_core.vae import DiscreteVAE
+from pipelines.config import Config
 
 
 def sampling_rate(model: DALLE, batch: int, cond_scale: float, device: str, repeats: int) -> float:
@@ -66,7 +66,7 @@ def bench_sampling(config: Config, checkpoint: str | None, device: str, batches:
 
 def write_models(config: Config, folder: Path) -> Config:
     """Untrained models of the config's sizes + a tokenizer on synthetic captions, where paths expect them."""
-    from pipelines import synthetic
+    from pipelines.data import synthetic
 
     config = Config.load(None, {"paths.root": str(folder), **_flatten(config)})
     paths = config.paths.resolved()
@@ -99,8 +99,8 @@ def _flatten(config: Config) -> dict[str, Any]:
 def local_client_class():
     """A plain Ray Data actor that loads the models itself and runs the Serve deployments' batch functions:
     the same work as the Serve path without Serve's request routing and batching queues."""
-    from pipelines.evaluation import ServeClient
-    from pipelines.serve_app import ModelPaths, generate_batch, score_batch
+    from pipelines.serve.app import ModelPaths, generate_batch, score_batch
+    from pipelines.serve.evaluation import ServeClient
 
     class LocalClient(ServeClient):
         def __init__(self, paths: ModelPaths, config: Config, **kwargs: Any) -> None:
@@ -130,7 +130,13 @@ def bench_end_to_end(config: Config, num_prompts: int, workdir: Path) -> dict[st
     replica, batches of ``evaluate.max_batch_size`` prompts)."""
     import ray
 
-    from pipelines.evaluation import client_kwargs, load_prompts, resolve_model_paths, run_evaluation, stream_prompts
+    from pipelines.serve.evaluation import (
+        client_kwargs,
+        load_prompts,
+        resolve_model_paths,
+        run_evaluation,
+        stream_prompts,
+    )
 
     config = Config.load(None, {"paths.root": str(workdir), **_flatten(config), "evaluate.num_prompts": num_prompts,
                                 "evaluate.prompt_source": "synthetic", "evaluate.http_port": _free_port()})

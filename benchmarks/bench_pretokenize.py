@@ -27,11 +27,11 @@ import ray  # noqa: E402
 import torch  # noqa: E402
 
 from dalle_core.checkpoint import save_model  # noqa: E402
-from dalle_core.config import Config  # noqa: E402
 from dalle_core.tokenizer import BPETokenizer  # noqa: E402
 from dalle_core.vae import DiscreteVAE  # noqa: E402
-from pipelines.pretokenize import load_picture, run_pretokenize  # noqa: E402
-from pipelines.synthetic import iter_samples, write_synthetic  # noqa: E402
+from pipelines.config import Config  # noqa: E402
+from pipelines.data.pretokenize import load_picture, run_pretokenize  # noqa: E402
+from pipelines.data.synthetic import iter_samples, write_synthetic  # noqa: E402
 
 
 def encoder_rate(vae: DiscreteVAE, pictures: np.ndarray, batch_size: int) -> float:

@@ -27,7 +27,6 @@ import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
 import torch  # noqa: E402
 
-from dalle_core.config import Config  # noqa: E402
 from dalle_core.dalle import DALLE  # noqa: E402
 from dalle_core.train_utils import (  # noqa: E402
     collate_tokens,
@@ -37,8 +36,9 @@ from dalle_core.train_utils import (  # noqa: E402
     mfu,
 )
 from pipelines import storage  # noqa: E402
-from pipelines.manifest import SCHEMA_VERSION, token_schema  # noqa: E402
-from pipelines.train_loop import build_trainer  # noqa: E402
+from pipelines.config import Config  # noqa: E402
+from pipelines.data.manifest import SCHEMA_VERSION, token_schema  # noqa: E402
+from pipelines.train.dalle import build_trainer  # noqa: E402
 
 
 def write_random_shards(folder: str, config: Config, rows: int) -> dict:

@@ -13,16 +13,13 @@ import dataclasses
 import hashlib
 import importlib
 import io
-import os
-import tempfile
 from typing import Any
 
-import fsspec
 import torch
-from fsspec.implementations.local import LocalFileSystem
 from torch import nn
 
 from dalle_core.config import from_dict, to_dict
+from dalle_core.io import read_bytes, write_bytes
 
 # kind -> (module, class name, config class name in dalle_core.config). Modules are imported lazily so that
 # loading a dVAE never imports the transformer and vice versa.
@@ -33,53 +30,6 @@ MODEL_REGISTRY: dict[str, tuple[str, str, str]] = {
 }
 
 _PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
-
-
-TMP_PREFIX = ".tmp-"  # files being written; never a finished output
-
-
-def write_local_atomically(path: str, data: bytes) -> None:
-    """Creates parent folders and writes through a temporary file renamed into place, so a crash never leaves
-    a truncated file under the final name."""
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes ``data`` to a local path (atomically) or an fsspec URL."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if isinstance(fs, LocalFileSystem):
-        write_local_atomically(fs_path, data)
-        return
-    with fs.open(fs_path, "wb") as f:
-        f.write(data)
-
-
-def read_bytes(path: str) -> bytes:
-    """Reads a whole local file or fsspec URL; a missing file raises FileNotFoundError naming ``path``."""
-    fs, fs_path = fsspec.core.url_to_fs(path)
-    if not fs.exists(fs_path):
-        raise FileNotFoundError(f"no such file: {path}")
-    with fs.open(fs_path, "rb") as f:
-        return f.read()
-
-
-def file_sha256(path: str) -> str:
-    """sha256 hex digest of a local file or fsspec URL, streamed (manifests record it to pin model files)."""
-    digest = hashlib.sha256()
-    with fsspec.open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -131,17 +81,21 @@ def save_model(model: nn.Module, path: str, extra: dict | None = None) -> str:
 
 def load_model_with_extra(path: str, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
     """Rebuilds the model saved at ``path`` (in eval mode) and returns it with the saved ``extra`` dict."""
-    data = read_bytes(path)
+    return model_from_bytes(read_bytes(path), map_location, where=path)
+
+
+def model_from_bytes(data: bytes, map_location: Any = "cpu", where: str = "checkpoint") -> tuple[nn.Module, dict]:
+    """What :func:`load_model_with_extra` does, from the file's bytes (a model shipped to Ray actors)."""
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({exc})") from exc
+        raise ValueError(f"{where}: not a readable checkpoint ({exc})") from exc
     missing = {"kind", "config", "state_dict"} - set(payload if isinstance(payload, dict) else ())
     if missing:
-        raise ValueError(f"{path}: not a self-describing checkpoint, missing {sorted(missing)}")
+        raise ValueError(f"{where}: not a self-describing checkpoint, missing {sorted(missing)}")
     kind = payload["kind"]
     if kind not in MODEL_REGISTRY:
-        raise ValueError(f"{path}: unknown model kind {kind!r}, expected one of {sorted(MODEL_REGISTRY)}")
+        raise ValueError(f"{where}: unknown model kind {kind!r}, expected one of {sorted(MODEL_REGISTRY)}")
     module_name, class_name, config_name = MODEL_REGISTRY[kind]
     config_cls = getattr(importlib.import_module("dalle_core.config"), config_name)
     model_cls = getattr(importlib.import_module(module_name), class_name)

@@ -10,24 +10,21 @@ from __future__ import annotations
 
 import copy
 import hashlib
-import io
 from dataclasses import dataclass, field
 
-import fsspec
 import numpy as np
 import torch
-from PIL import Image
 from torch import Tensor
 
 from dalle_core.config import SamplingConfig
-from dalle_core.tokenizer import BPETokenizer, normalize_caption
+from dalle_core.images import to_uint8
+from dalle_core.tokenizer import BPETokenizer, normalize_caption, pad_text_ids
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty"
 STATUS_TOO_LONG = "too_long"
 STATUS_UNKNOWN_CHARS = "unknown_chars"
 STATUS_ERROR = "error"
-MODEL_FILE = "model.pt"  # consolidated weights inside each Ray Train checkpoint (pipelines/train_loop.py)
 
 
 @dataclass
@@ -78,54 +75,11 @@ class PromptChecker:
         return out
 
 
-def pad_ids(rows: list[list[int]], text_seq_len: int) -> Tensor:
-    """Unpadded id lists -> ``[B, text_seq_len]`` long with 0 = pad."""
-    out = torch.zeros(len(rows), text_seq_len, dtype=torch.long)
-    for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
-    return out
-
-
 def batch_seed(base_seed: int, keys: list[str]) -> int:
     """A sampling seed for one batched pass, fixed by the base seed and the prompts it holds (so a rerun with
     the same batches draws the same pictures, and the seed is worth recording)."""
     digest = hashlib.sha256(f"{base_seed}|{'|'.join(keys)}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
-
-
-def to_uint8(images: Tensor) -> np.ndarray:
-    """Float ``[..., C, H, W]`` in [0, 1] -> uint8 ``[..., H, W, C]`` (what PNGs and transport want)."""
-    return (images.clamp(0, 1) * 255).round().to(torch.uint8).movedim(-3, -1).cpu().numpy()
-
-
-def from_uint8(images: np.ndarray) -> Tensor:
-    """uint8 ``[..., H, W, C]`` -> float ``[..., C, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 255
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """One uint8 ``[H, W, C]`` picture as PNG bytes."""
-    buf = io.BytesIO()
-    Image.fromarray(image.squeeze(-1) if image.shape[-1] == 1 else image).save(buf, format="PNG")
-    return buf.getvalue()
-
-
-def make_grid(rows: list[list[np.ndarray]], pad: int = 2, scale: int = 1) -> np.ndarray:
-    """Tiles uint8 ``[H, W, C]`` pictures, one list per grid row (short rows stay blank), with white gaps;
-    ``scale`` enlarges tiny pictures by pixel repetition so a 32px grid is readable."""
-    tiles = [img for row in rows for img in row]
-    if not tiles:
-        raise ValueError("make_grid needs at least one picture")
-    h, w, c = tiles[0].shape
-    h, w = h * scale, w * scale
-    ncols = max(len(row) for row in rows)
-    grid = np.full((len(rows) * (h + pad) + pad, ncols * (w + pad) + pad, c), 255, dtype=np.uint8)
-    for r, row in enumerate(rows):
-        for col, img in enumerate(row):
-            big = img.repeat(scale, 0).repeat(scale, 1)
-            y, x = pad + r * (h + pad), pad + col * (w + pad)
-            grid[y:y + h, x:x + w] = big
-    return grid
 
 
 class ImageGenerator:
@@ -206,7 +160,7 @@ def generate_prompt(generator: ImageGenerator, tokenizer: BPETokenizer, prompt: 
     check = PromptChecker(tokenizer).check([prompt])[0]
     if not check.ok:
         return RankedPrompt(check)
-    text = pad_ids([check.text_ids], generator.text_seq_len)
+    text = pad_text_ids([check.text_ids], generator.text_seq_len)
     images = generator.generate(text, num_candidates, sampling, sampling.seed)
     result = RankedPrompt(check, to_uint8(images[0]), seed=sampling.seed)
     if scorer is not None:
@@ -215,14 +169,3 @@ def generate_prompt(generator: ImageGenerator, tokenizer: BPETokenizer, prompt: 
     else:
         result.order = list(range(num_candidates))
     return result
-
-
-def latest_checkpoint(runs_dir: str, run_name: str) -> str:
-    """Newest ``<runs>/<run_name>/checkpoint_*/model.pt`` (checkpoint folders sort by step)."""
-    fs, root = fsspec.core.url_to_fs(f"{runs_dir.rstrip('/')}/{run_name}")
-    found = sorted(fs.glob(f"{root}/checkpoint_*/{MODEL_FILE}"))
-    if not found:
-        raise FileNotFoundError(f"no DALLE checkpoint ({MODEL_FILE}) under {runs_dir.rstrip('/')}/{run_name}; "
-                                "train first or pass --checkpoint")
-    protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    return found[-1] if protocol in ("file", "local") else f"{protocol}://{found[-1]}"

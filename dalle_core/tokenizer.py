@@ -20,7 +20,7 @@ import ftfy
 import torch
 import youtokentome as yttm
 
-from dalle_core.checkpoint import read_bytes, write_bytes
+from dalle_core.io import read_bytes, write_bytes
 
 
 def normalize_caption(text: str) -> str:
@@ -30,15 +30,18 @@ def normalize_caption(text: str) -> str:
     return " ".join(ftfy.fix_text(text).lower().split())
 
 
-def pad_text_ids(ids: Sequence[Sequence[int]], text_seq_len: int) -> torch.LongTensor:
-    """Right-pads unpadded id lists with 0 into ``[B, text_seq_len]``. A longer row means the shards were
-    made with another ``text_seq_len``; that is an error, not something to truncate silently."""
+def pad_text_ids(ids: Sequence[Sequence[int]], text_seq_len: int, truncate: bool = False) -> torch.LongTensor:
+    """Right-pads unpadded id lists with 0 into ``[B, text_seq_len]``: the one text-padding function. A longer
+    row is an error unless ``truncate`` (training on shards cuts captions to the model's length)."""
     out = torch.zeros(len(ids), text_seq_len, dtype=torch.long)
     for i, row in enumerate(ids):
+        row = list(row)
         if len(row) > text_seq_len:
-            raise ValueError(f"text ids row {i} has {len(row)} tokens, more than text_seq_len={text_seq_len}")
-        if len(row):
-            out[i, : len(row)] = torch.as_tensor(list(row), dtype=torch.long)
+            if not truncate:
+                raise ValueError(f"text ids row {i} has {len(row)} tokens, more than text_seq_len={text_seq_len}")
+            row = row[:text_seq_len]
+        if row:
+            out[i, : len(row)] = torch.as_tensor(row, dtype=torch.long)
     return out
 
 

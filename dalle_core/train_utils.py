@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from dalle_core.config import OptimConfig
+from dalle_core.tokenizer import pad_text_ids
 
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
@@ -68,13 +69,9 @@ def collate_tokens(text_ids: Sequence[Sequence[int]], image_codes: Sequence[Sequ
     Text is stored unpadded with variable length, so it is truncated and right-padded here; codes are a
     fixed-size list column (uint16 on disk) and only need stacking and widening.
     """
-    text = np.zeros((len(text_ids), text_seq_len), dtype=np.int64)
-    for i, ids in enumerate(text_ids):
-        ids = np.asarray(ids, dtype=np.int64)[:text_seq_len]
-        text[i, : len(ids)] = ids
     codes = np.stack([np.asarray(c, dtype=np.int64) for c in image_codes]) if len(image_codes) else \
         np.zeros((0, 0), dtype=np.int64)
-    return torch.from_numpy(text), torch.from_numpy(codes)
+    return pad_text_ids(text_ids, text_seq_len, truncate=True), torch.from_numpy(codes)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float:
@@ -114,12 +111,3 @@ def annealed_temperature(step: int, start: float, rate: float, minimum: float) -
     """Gumbel-softmax temperature for the dVAE: ``start * exp(-rate * step)``, floored at ``minimum``
     (high early so every code gets gradient, low late so samples approach the hard argmax)."""
     return max(start * math.exp(-rate * step), minimum)
-
-
-def image_grid(rows: Sequence[torch.Tensor]) -> np.ndarray:
-    """Equal-sized image batches ``[N, C, H, W]`` in [0, 1] -> one uint8 picture ``[rows*H, N*W, C]``,
-    one batch per row (e.g. originals above their reconstructions)."""
-    stacked = torch.stack([r.detach().float().clamp(0, 1).cpu() for r in rows])  # [R, N, C, H, W]
-    r, n, c, h, w = stacked.shape
-    grid = stacked.permute(0, 3, 1, 4, 2).reshape(r * h, n * w, c)
-    return (grid * 255).round().to(torch.uint8).numpy()

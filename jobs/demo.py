@@ -24,10 +24,11 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from dalle_core.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError, load_yaml  # noqa: E402
+from dalle_core.config import load_yaml  # noqa: E402
 from pipelines import storage  # noqa: E402
 from pipelines.cli import LOCAL_MIN_CPUS  # noqa: E402
-from pipelines.evaluation import format_metrics  # noqa: E402
+from pipelines.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError  # noqa: E402
+from pipelines.serve.evaluation import format_metrics  # noqa: E402
 
 
 def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a script from any directory
 
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
+from pipelines.config import DEFAULT_CONFIG, Config, ConfigError  # noqa: E402
 from pipelines.resources import JOBS, plan_resources  # noqa: E402
 
 

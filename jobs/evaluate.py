@@ -13,7 +13,7 @@ import json
 import sys
 
 from pipelines.cli import connect_ray, job_parser, load_job_config
-from pipelines.evaluation import load_prompts, resolve_model_paths, run_evaluation
+from pipelines.serve.evaluation import load_prompts, resolve_model_paths, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> int:

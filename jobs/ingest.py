@@ -18,9 +18,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from dalle_core.config import INGEST_SOURCES  # noqa: E402
 from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.ingest import ingest_folder, ingest_url_list, ingest_webdataset  # noqa: E402
+from pipelines.config import INGEST_SOURCES  # noqa: E402
+from pipelines.data.ingest import ingest_folder, ingest_url_list, ingest_webdataset  # noqa: E402
 
 RUNNERS = {"urls": ingest_url_list, "folder": ingest_folder, "webdataset": ingest_webdataset}
 

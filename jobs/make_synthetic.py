@@ -17,7 +17,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle_core.config import ConfigError  # noqa: E402
 from pipelines.cli import job_parser, load_job_config  # noqa: E402
-from pipelines.synthetic import write_synthetic  # noqa: E402
+from pipelines.data.synthetic import write_synthetic  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

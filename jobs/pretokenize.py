@@ -17,7 +17,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.pretokenize import PretokenizeError, run_pretokenize  # noqa: E402
+from pipelines.data.pretokenize import PretokenizeError, run_pretokenize  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

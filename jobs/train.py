@@ -21,7 +21,7 @@ import ray  # noqa: E402
 
 from dalle_core.config import ConfigError  # noqa: E402
 from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.train_loop import build_trainer, load_checked_manifest, run_dir  # noqa: E402
+from pipelines.train.dalle import build_trainer, load_checked_manifest, run_dir  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -13,7 +13,7 @@ import json
 import sys
 
 from pipelines.cli import connect_ray, job_parser, load_job_config
-from pipelines.clip_train import run_train_clip
+from pipelines.train.clip import run_train_clip
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dalle_core.tokenizer import BPETokenizer  # noqa: E402
-from pipelines.captions import iter_captions  # noqa: E402
 from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
+from pipelines.data.captions import iter_captions  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

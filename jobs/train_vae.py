@@ -22,10 +22,10 @@ import ray  # noqa: E402
 
 from pipelines import storage  # noqa: E402
 from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.raw import list_raw_shards  # noqa: E402
-from pipelines.synthetic import dvae_reconstruction, has_ground_truth  # noqa: E402
-from pipelines.train_loop import run_dir  # noqa: E402
-from pipelines.train_vae_loop import build_vae_trainer  # noqa: E402
+from pipelines.data.raw import list_raw_shards  # noqa: E402
+from pipelines.data.synthetic import dvae_reconstruction, has_ground_truth  # noqa: E402
+from pipelines.train.dalle import run_dir  # noqa: E402
+from pipelines.train.vae import build_vae_trainer  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

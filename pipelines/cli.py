@@ -8,7 +8,7 @@ import os
 import sys
 from typing import Any
 
-from dalle_core.config import DEFAULT_CONFIG, Config, ConfigError
+from pipelines.config import DEFAULT_CONFIG, Config, ConfigError
 
 
 def job_parser(doc: str | None) -> argparse.ArgumentParser:

@@ -20,9 +20,9 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from dalle_core.config import Config, TrainConfig
 from dalle_core.dalle import DALLE
 from dalle_core.vae import DiscreteVAE
+from pipelines.config import Config, TrainConfig
 
 GIB = 1024**3
 ACTIVATION_ELEMENTS_PER_DIM = 27  # saved-for-backward elements per token and layer, divided by `dim`

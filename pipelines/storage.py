@@ -1,12 +1,7 @@
-"""Paths that are a local folder or any fsspec URL (``s3://bucket/prefix``), the same way for every job.
+"""Folders, listings, JSON and Parquet on a local disk or any fsspec URL (``s3://bucket/prefix``), for every job.
 
-S3 settings come from the usual environment variables (``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``,
-``AWS_ENDPOINT_URL`` for S3-compatible stores). :func:`filesystem` copies them into the s3fs object itself,
-so the filesystem that Ray pickles to its workers carries them even where a worker's environment lacks them.
-
-Outputs are written whole or not at all: local files go through a temporary name renamed into place, object
-stores publish an object only when its single upload completes. A rerun can therefore trust every file it
-finds under a final name.
+Whole-file reads and writes are :mod:`dalle_core.io`'s (atomic local writes, S3 settings from the environment);
+this module adds what the Ray side needs on top: Arrow filesystems for Ray Data, listings, Parquet and JSON.
 """
 
 from __future__ import annotations
@@ -22,28 +17,15 @@ import pyarrow.fs
 import pyarrow.parquet as pq
 from fsspec.implementations.local import LocalFileSystem
 
-from dalle_core.checkpoint import TMP_PREFIX, write_local_atomically
+from dalle_core.io import TMP_PREFIX, exists, filesystem, read_bytes, write_bytes
+
+__all__ = ["arrow_filesystem", "basename", "exists", "filesystem", "join", "list_files", "parquet_columns",
+           "parquet_metadata", "read_bytes", "read_json", "read_parquet", "remove_stale_temporaries", "stem",
+           "write_bytes", "write_json", "write_parquet"]
 
 
 def is_local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
-
-
-def _s3_options_from_env() -> dict[str, Any]:
-    options: dict[str, Any] = {}
-    if os.environ.get("AWS_ENDPOINT_URL"):
-        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    if os.environ.get("AWS_ACCESS_KEY_ID") and os.environ.get("AWS_SECRET_ACCESS_KEY"):
-        options["key"] = os.environ["AWS_ACCESS_KEY_ID"]
-        options["secret"] = os.environ["AWS_SECRET_ACCESS_KEY"]
-    return options
-
-
-def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem for ``path`` and the path inside it (no scheme)."""
-    if path.startswith(("s3://", "s3a://")):
-        return fsspec.core.url_to_fs(path, **_s3_options_from_env())
-    return fsspec.core.url_to_fs(path)
 
 
 def arrow_filesystem(path: str) -> tuple[pyarrow.fs.FileSystem | None, str]:
@@ -71,11 +53,6 @@ def _with_protocol(fs: fsspec.AbstractFileSystem, inner: str, like: str) -> str:
     return inner if is_local(like) else fs.unstrip_protocol(inner)
 
 
-def exists(path: str) -> bool:
-    fs, inner = filesystem(path)
-    return fs.exists(inner)
-
-
 def list_files(path: str, suffixes: tuple[str, ...], recursive: bool = False) -> list[str]:
     """Sorted files under a folder (or the file itself) whose names end with one of ``suffixes``; names
     starting with ``.`` or ``_`` (temporaries, img2dataset's ``_tmp``) are skipped."""
@@ -93,21 +70,6 @@ def list_files(path: str, suffixes: tuple[str, ...], recursive: bool = False) ->
         if p.lower().endswith(suffixes):
             keep.append(_with_protocol(fs, p, path))
     return sorted(keep)
-
-
-def read_bytes(path: str) -> bytes:
-    fs, inner = filesystem(path)
-    with fs.open(inner, "rb") as f:
-        return f.read()
-
-
-def write_bytes(path: str, data: bytes) -> None:
-    """Writes a whole file atomically (see the module docstring), creating local parent folders."""
-    fs, inner = filesystem(path)
-    if isinstance(fs, LocalFileSystem):
-        write_local_atomically(inner, data)
-        return
-    fs.pipe_file(inner, data)
 
 
 def write_parquet(table: pa.Table, path: str) -> None:

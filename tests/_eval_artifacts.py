@@ -9,11 +9,11 @@ import torch
 
 from dalle_core.checkpoint import save_model
 from dalle_core.clip import CLIP
-from dalle_core.config import Config
 from dalle_core.dalle import DALLE
 from dalle_core.tokenizer import BPETokenizer
 from dalle_core.vae import DiscreteVAE
-from pipelines import synthetic
+from pipelines.config import Config
+from pipelines.data import synthetic
 
 TINY = {
     "synthetic.image_size": 16,

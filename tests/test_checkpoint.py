@@ -10,9 +10,10 @@ import pytest
 import torch
 from torch import nn
 
-from dalle_core.checkpoint import file_sha256, load_model, load_model_with_extra, save_model
+from dalle_core.checkpoint import load_model, load_model_with_extra, save_model
 from dalle_core.clip import CLIP
 from dalle_core.config import CLIPConfig, VAEConfig
+from dalle_core.io import file_sha256
 from dalle_core.vae import DiscreteVAE
 
 VAE_CONFIG = VAEConfig(image_size=16, num_tokens=24, codebook_dim=8, num_layers=2, num_resnet_blocks=1,

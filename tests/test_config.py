@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dalle_core.config import Config, ConfigError
+from pipelines.config import Config, ConfigError
 
 CONFIGS = sorted(Path(__file__).resolve().parents[1].joinpath("configs").glob("*.yaml"))
 

@@ -16,7 +16,8 @@ from conftest import free_port
 from PIL import Image
 from ray import serve
 
-from pipelines.evaluation import (
+from pipelines.serve.app import build_app
+from pipelines.serve.evaluation import (
     compute_metrics,
     format_metrics,
     load_prompts,
@@ -24,7 +25,6 @@ from pipelines.evaluation import (
     resolve_model_paths,
     run_evaluation,
 )
-from pipelines.serve_app import build_app
 
 BAD = {"empty": "   ", "too_long": "a small red circle on the left and a large blue square on the right side",
        "unknown_chars": "a red circle ☃"}

@@ -19,8 +19,9 @@ import torch
 import yaml
 from packaging.requirements import Requirement
 
-from dalle_core.config import Config, DALLEConfig
+from dalle_core.config import DALLEConfig
 from dalle_core.dalle import DALLE
+from pipelines.config import Config
 from pipelines.resources import ACTIVATION_ELEMENTS_PER_DIM, plan_resources
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -17,10 +17,10 @@ import pytest
 from conftest import write_tiny_models
 from PIL import Image
 
-from dalle_core.config import IngestConfig, PretokenizeConfig
-from pipelines.ingest import choose_caption, ingest_folder, ingest_url_list, ingest_webdataset
-from pipelines.pretokenize import load_picture, run_pretokenize
-from pipelines.synthetic import make_sample
+from pipelines.config import IngestConfig, PretokenizeConfig
+from pipelines.data.ingest import choose_caption, ingest_folder, ingest_url_list, ingest_webdataset
+from pipelines.data.pretokenize import load_picture, run_pretokenize
+from pipelines.data.synthetic import make_sample
 
 RNG = np.random.default_rng(0)
 RGB = RNG.integers(0, 256, (40, 48, 3), dtype=np.uint8)

@@ -21,12 +21,13 @@ from conftest import write_tiny_models
 from PIL import Image
 
 from dalle_core.checkpoint import load_model
-from dalle_core.config import ConfigError, DALLEConfig, PretokenizeConfig, SyntheticConfig
+from dalle_core.config import DALLEConfig
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
-from pipelines import check_manifest, read_manifest
-from pipelines.pretokenize import run_pretokenize
-from pipelines.raw import raw_table
-from pipelines.synthetic import iter_samples, write_synthetic
+from pipelines.config import ConfigError, PretokenizeConfig, SyntheticConfig
+from pipelines.data.manifest import check_manifest, read_manifest
+from pipelines.data.pretokenize import run_pretokenize
+from pipelines.data.raw import raw_table
+from pipelines.data.synthetic import iter_samples, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIG = PretokenizeConfig(batch_size=64, concurrency=1, min_image_size=16)

@@ -10,11 +10,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import write_tiny_models
 
-from dalle_core.config import PretokenizeConfig, SyntheticConfig
-from pipelines import read_manifest, storage
-from pipelines.captions import iter_captions
-from pipelines.pretokenize import run_pretokenize
-from pipelines.synthetic import iter_samples, write_synthetic
+from pipelines import storage
+from pipelines.config import PretokenizeConfig, SyntheticConfig
+from pipelines.data.captions import iter_captions
+from pipelines.data.manifest import read_manifest
+from pipelines.data.pretokenize import run_pretokenize
+from pipelines.data.synthetic import iter_samples, write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 

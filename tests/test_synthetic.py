@@ -6,8 +6,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from dalle_core.config import ConfigError, SyntheticConfig
-from pipelines.synthetic import (
+from pipelines.config import ConfigError, SyntheticConfig
+from pipelines.data.synthetic import (
     COLORS,
     POSITIONS,
     SHAPES,

@@ -7,7 +7,7 @@ import pickle
 import pytest
 import torch
 
-from dalle_core.checkpoint import file_sha256
+from dalle_core.io import file_sha256
 from dalle_core.tokenizer import BPETokenizer, normalize_caption, pad_text_ids
 
 COLORS = ["red", "green", "blue", "yellow", "purple"]

@@ -28,11 +28,12 @@ from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.train.v2.api.exceptions import TrainingFailedError
 
 from dalle_core.checkpoint import load_model_with_extra
-from dalle_core.config import Config, to_dict
+from dalle_core.config import to_dict
 from dalle_core.dalle import DALLE
 from dalle_core.train_utils import annealed_temperature, collate_tokens, image_grid, lr_multiplier, mfu
-from pipelines.manifest import SCHEMA_VERSION, token_schema
-from pipelines.train_loop import FAIL_ENV, build_trainer, load_checked_manifest
+from pipelines.config import Config
+from pipelines.data.manifest import SCHEMA_VERSION, token_schema
+from pipelines.train.dalle import FAIL_ENV, build_trainer, load_checked_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_SHARD = 48  # 96 rows / 2 workers / batch 8 = 6 batches per epoch: 12 steps cross an epoch boundary

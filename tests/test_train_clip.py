@@ -11,8 +11,8 @@ from _eval_artifacts import build_artifacts
 from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.clip import CLIP
 from dalle_core.metrics import retrieval_accuracy
-from pipelines import synthetic
-from pipelines.clip_train import is_heldout, metrics_path, run_train_clip
+from pipelines.data import synthetic
+from pipelines.train.clip import is_heldout, metrics_path, run_train_clip
 
 
 def test_retrieval_accuracy_counts_ranks_both_ways():

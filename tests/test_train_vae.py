@@ -13,11 +13,11 @@ import ray
 from PIL import Image
 
 from dalle_core.checkpoint import load_model_with_extra
-from dalle_core.config import Config
 from dalle_core.vae import DiscreteVAE
 from pipelines import storage
-from pipelines.raw import raw_table
-from pipelines.synthetic import write_synthetic
+from pipelines.config import Config
+from pipelines.data.raw import raw_table
+from pipelines.data.synthetic import write_synthetic
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))

@@ -1,4 +1,4 @@
-"""Real data into raw shards (:mod:`pipelines.raw`): URL lists through img2dataset, folders of ``name.jpg`` +
+"""Real data into raw shards (:mod:`pipelines.data.raw`): URL lists through img2dataset, folders of ``name.jpg`` +
 ``name.txt`` pairs, and existing WebDataset tars.
 
 Nothing is dropped on the way in: a pair that cannot be used yet is written with ``status != "success"`` and an
@@ -18,9 +18,9 @@ from typing import Any
 import ray
 from PIL import Image, UnidentifiedImageError
 
-from dalle_core.config import IngestConfig
 from pipelines import storage
-from pipelines.raw import SUCCESS, raw_table
+from pipelines.config import IngestConfig
+from pipelines.data.raw import SUCCESS, raw_table
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 MISSING_CAPTION = "failed_missing_caption"

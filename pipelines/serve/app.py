@@ -2,10 +2,10 @@
 loading its model once per replica and grouping concurrent requests with ``@serve.batch``, behind an HTTP
 ingress for interactive use.
 
-Batch job: ``pipelines.evaluation`` calls the Generator and Scorer handles directly (prompts from many Ray
+Batch job: ``pipelines.serve.evaluation`` calls the Generator and Scorer handles directly (prompts from many Ray
 Data actors meet in one sampling pass). Live use::
 
-    serve run pipelines.serve_app:app_builder config=configs/tiny.yaml
+    serve run pipelines.serve.app:app_builder config=configs/tiny.yaml
     curl -s -X POST localhost:8000/ -d '{"prompt": "a small red circle on the left", "n": 8}'
 
 The model maths lives in :mod:`dalle_core.sampling`; this module only wires it into Serve.
@@ -26,7 +26,7 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from dalle_core.config import Config, EvaluateConfig, SamplingConfig
+from dalle_core.config import SamplingConfig
 from dalle_core.sampling import (
     STATUS_ERROR,
     ImageGenerator,
@@ -42,6 +42,7 @@ from dalle_core.sampling import (
     to_uint8,
 )
 from dalle_core.tokenizer import BPETokenizer
+from pipelines.config import Config, EvaluateConfig
 
 GENERATOR, SCORER = "Generator", "Scorer"
 
@@ -206,9 +207,9 @@ def build_app(config: Config, paths: ModelPaths) -> Application:
 
 
 def app_builder(args: dict[str, str]) -> Application:
-    """``serve run pipelines.serve_app:app_builder config=... [checkpoint=... vae=... tokenizer=... clip=...]``;
+    """``serve run pipelines.serve.app:app_builder config=... [checkpoint=... vae=... tokenizer=... clip=...]``;
     paths default from the config's ``paths`` section and the newest DALLE checkpoint under ``paths.runs``."""
-    from pipelines.evaluation import resolve_model_paths
+    from pipelines.serve.evaluation import resolve_model_paths
 
     config = Config.load(args.get("config") or None)
     return build_app(config, resolve_model_paths(config, **{k: v for k, v in args.items() if k != "config"}))

@@ -28,13 +28,13 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from dalle_core.checkpoint import load_model, save_model
-from dalle_core.config import Config
 from dalle_core.train_utils import annealed_temperature, image_grid, make_optimizer, make_scheduler
 from dalle_core.vae import DiscreteVAE, codebook_usage
 from pipelines import storage
-from pipelines.pretokenize import load_picture
-from pipelines.raw import SUCCESS, list_raw_shards
-from pipelines.train_loop import MetricsWriter, run_dir
+from pipelines.config import Config
+from pipelines.data.pretokenize import load_picture
+from pipelines.data.raw import SUCCESS, list_raw_shards
+from pipelines.train.dalle import MetricsWriter, run_dir
 
 SAMPLE_IMAGES = 8
 

@@ -7,16 +7,22 @@ Output of pretokenize (``<out>`` local or fsspec URL)::
                                          fixed_size_list<uint16>[image_seq_len], source
     <out>/rejects/<input-stem>.parquet   key, source, reason, detail
 
-Manifest shard paths are relative to ``<out>``.
+Manifest shard paths are relative to ``<out>``. The manifest is built from the finished files alone (their
+footers and reject reasons), so a resumed run counts the shards an earlier run wrote exactly like its own.
 """
 
 from __future__ import annotations
 
+import json
+from collections import Counter
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import torch
 
 from dalle_core.config import ConfigError, DALLEConfig
+from dalle_core.vae import codebook_usage
 from pipelines import storage
 
 SCHEMA_VERSION = 1
@@ -41,6 +47,47 @@ def token_schema(image_seq_len: int) -> pa.Schema:
         pa.field("image_codes", pa.list_(pa.uint16(), image_seq_len)),
         pa.field("source", pa.string()),
     ])
+
+
+def shard_outputs(output: str, stem: str) -> tuple[str, str]:
+    """The data file and the rejects file that one raw shard ``stem`` becomes."""
+    return (storage.join(output, DATA_DIR, f"{stem}.parquet"), storage.join(output, REJECTS_DIR, f"{stem}.parquet"))
+
+
+def shard_paths(manifest: dict[str, Any], shards_dir: str) -> list[str]:
+    """Absolute shard URLs from the manifest (entries are relative to the manifest's folder)."""
+    paths = [entry["path"] for entry in manifest["shards"]]
+    return [p if "://" in p or p.startswith("/") else storage.join(shards_dir, p) for p in paths]
+
+
+def build_manifest(output: str, stems: list[str], *, tokenizer: dict[str, Any], vae: dict[str, Any]) -> dict[str, Any]:
+    """The manifest of the finished shards ``stems`` under ``output``; ``tokenizer`` and ``vae`` describe the
+    models that made them (``vae`` holds ``num_tokens``, ``image_seq_len``; ``tokenizer`` ``text_seq_len``)."""
+    num_tokens = vae["num_tokens"]
+    histogram = np.zeros(num_tokens, dtype=np.int64)
+    shards, reasons = [], Counter()
+    for stem in stems:
+        data_path, rejects_path = shard_outputs(output, stem)
+        meta = storage.parquet_metadata(data_path)
+        shards.append({"path": f"{DATA_DIR}/{stem}.parquet", "rows": meta.num_rows, "input": stem})
+        histogram += np.asarray(json.loads(meta.metadata[HISTOGRAM_KEY]), dtype=np.int64)
+        reasons.update(storage.read_parquet(rejects_path, ["reason"]).column("reason").to_pylist())
+    num_rows = sum(s["rows"] for s in shards)
+    usage = (codebook_usage(torch.repeat_interleave(torch.arange(num_tokens), torch.from_numpy(histogram)),
+                            num_tokens) if num_rows else {"histogram": histogram.tolist()})
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "num_rows": num_rows,
+        "pairs_in": num_rows + sum(reasons.values()),
+        "image_seq_len": vae["image_seq_len"],
+        "text_seq_len": tokenizer["text_seq_len"],
+        "codebook_size": num_tokens,
+        "tokenizer": tokenizer,
+        "vae": vae,
+        "shards": shards,
+        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items())), "dir": REJECTS_DIR},
+        "codebook_usage": usage,
+    }
 
 
 def read_manifest(path: str) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """CLIP for reranking on Ray Train (DDP): raw shards -> (BPE ids, pixels) -> contrastive training -> retrieval.
 
 Pairs are read with Ray Data from the raw shards (any source's img2dataset layout), decoded and centre-cropped
-like pretokenize does (:func:`pipelines.pretokenize.load_picture`), and split by a hash of their key: the
+like pretokenize does (:func:`pipelines.data.pretokenize.load_picture`), and split by a hash of their key: the
 held-out part never trains and measures text->image and image->text top-1/top-5 retrieval at the end. Rank 0
 saves the weights with ``save_model`` (self-describing) plus ``retrieval.json`` into the Ray Train checkpoint;
 the driver copies both to ``paths.clip`` and ``<clip stem>_metrics.json`` beside it.
@@ -25,11 +25,11 @@ from ray.train import Checkpoint, FailureConfig, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
 from dalle_core.checkpoint import read_bytes, write_bytes
-from dalle_core.config import Config
 from dalle_core.tokenizer import BPETokenizer
 from pipelines import storage
-from pipelines.pretokenize import load_picture
-from pipelines.raw import SUCCESS, list_raw_shards
+from pipelines.config import Config
+from pipelines.data.pretokenize import load_picture
+from pipelines.data.raw import SUCCESS, list_raw_shards
 
 RAW_COLUMNS = ["key", "caption", "jpg", "status"]
 

@@ -32,7 +32,6 @@ from ray.train.torch import TorchTrainer
 
 import pipelines
 from dalle_core.checkpoint import save_model
-from dalle_core.config import Config, TrainConfig
 from dalle_core.dalle import DALLE
 from dalle_core.train_utils import (
     collate_tokens,
@@ -43,6 +42,7 @@ from dalle_core.train_utils import (
     peak_memory_bytes,
 )
 from pipelines import storage
+from pipelines.config import Config, TrainConfig
 from pipelines.resources import train_worker_resources
 
 TOKEN_COLUMNS = ["text_ids", "image_codes"]  # string columns (key, caption, source) never reach the workers

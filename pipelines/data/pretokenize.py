@@ -16,29 +16,28 @@ failures keep their status as the reason: ``failed_to_download``, ``failed_to_re
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import time
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
-import cv2
-import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
 
-from dalle_core.checkpoint import load_model
-from dalle_core.config import PretokenizeConfig
+from dalle_core.checkpoint import model_from_bytes
+from dalle_core.images import from_uint8
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
-from dalle_core.vae import DiscreteVAE, codebook_usage
-from pipelines import manifest as mf
+from dalle_core.vae import DiscreteVAE
 from pipelines import storage
-from pipelines.raw import SUCCESS, list_raw_shards
+from pipelines.config import PretokenizeConfig
+from pipelines.data import manifest as mf
+from pipelines.data.images import load_picture
+from pipelines.data.raw import SUCCESS, list_raw_shards
+from pipelines.data.shards import read_shards
 
 REASONS = ("missing_image", "undecodable_image", "image_too_small", "empty_caption")
 _SHARD_COL = "__input__"  # which raw shard a row came from (the stem of its file name)
@@ -49,57 +48,6 @@ _DETAIL_COL = "__detail__"
 
 class PretokenizeError(RuntimeError):
     """The job cannot produce any token shard (e.g. every input pair was rejected)."""
-
-
-def _decode_jpeg(data: bytes) -> np.ndarray | None:
-    """JPEG through OpenCV (libjpeg-turbo): ~2.5x faster than PIL on small pictures, applies the EXIF
-    orientation, turns greyscale and CMYK into colour. None when OpenCV cannot read it (PIL then tries)."""
-    bgr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-    return None if bgr is None else cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
-
-
-def _decode_any(data: bytes) -> np.ndarray:
-    """Every other format through PIL: EXIF orientation, transparency composited over white (as img2dataset
-    does), greyscale/palette/CMYK converted to RGB."""
-    img = ImageOps.exif_transpose(Image.open(io.BytesIO(data)))
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
-    return np.asarray(img.convert("RGB"))
-
-
-def resize_center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
-    """Shorter side to ``size`` (area averaging when shrinking, bicubic when enlarging), then the centre."""
-    height, width = pixels.shape[:2]
-    if (height, width) != (size, size):
-        scale = size / min(height, width)
-        new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
-        interpolation = cv2.INTER_AREA if scale < 1 else cv2.INTER_CUBIC
-        pixels = cv2.resize(pixels, (new_w, new_h), interpolation=interpolation)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        pixels = pixels[top:top + size, left:left + size]
-    return np.ascontiguousarray(pixels)
-
-
-def load_picture(data: bytes | None, image_size: int, min_image_size: int, channels: int = 3,
-                 ) -> tuple[np.ndarray | None, str | None, str | None]:
-    """``(pixels [S, S, C] uint8, None, None)`` or ``(None, reason, detail)`` for one raw picture: decoded,
-    converted to RGB (or grey for 1-channel dVAEs), shorter side resized to ``image_size``, centre cropped."""
-    if not data:
-        return None, "missing_image", "no image bytes"
-    try:
-        pixels = _decode_jpeg(data) if data[:3] == b"\xff\xd8\xff" else None
-        if pixels is None:
-            pixels = _decode_any(data)
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as exc:
-        return None, "undecodable_image", f"{type(exc).__name__}: {exc}"[:300]
-    height, width = pixels.shape[:2]
-    if min(height, width) < min_image_size:
-        return None, "image_too_small", f"{width}x{height} < {min_image_size}"
-    pixels = resize_center_crop(pixels, image_size)
-    if channels == 1:
-        pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2GRAY)[..., None]
-    return pixels, None, None
 
 
 def _column(batch: pa.Table, name: str) -> list[Any]:
@@ -142,10 +90,7 @@ def preprocess_batch(batch: pa.Table, *, tokenizer: BPETokenizer, image_size: in
 
 
 def _vae_from_bytes(data: bytes) -> DiscreteVAE:
-    """Checkpoint bytes -> model, through fsspec's in-memory filesystem (no local file on the worker)."""
-    path = f"memory://dalle-vae/{hashlib.sha256(data).hexdigest()}.pt"
-    fsspec.filesystem("memory").pipe_file(path, data)
-    model = load_model(path)
+    model = model_from_bytes(data, where="the dVAE checkpoint")[0]
     if not isinstance(model, DiscreteVAE):
         raise PretokenizeError(f"the dVAE checkpoint holds a {type(model).__name__}, not a DiscreteVAE")
     return model
@@ -170,8 +115,7 @@ class DVAEEncoder:
         codes = np.zeros((n, self.seq_len), dtype=np.uint16)
         if ok.any():
             flat = batch.column(_PIXELS_COL).combine_chunks().flatten().to_numpy()
-            pixels = flat.reshape(n, *self.shape)[ok]
-            images = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2).float().div_(255)
+            images = from_uint8(flat.reshape(n, *self.shape)[ok]).to(self.device)
             codes[ok] = self.model.get_codebook_indices(images).cpu().numpy().astype(np.uint16)
         batch = batch.drop_columns([_PIXELS_COL])
         return batch.append_column("image_codes",
@@ -190,6 +134,14 @@ class _Models:
     def __post_init__(self) -> None:
         self.vae_hash = hashlib.sha256(self.vae_bytes).hexdigest()
 
+    def records(self) -> dict[str, dict[str, Any]]:
+        """What the manifest says of the two models (``build_manifest``'s keyword arguments)."""
+        cfg, tok = self.vae.config, self.tokenizer
+        return {"tokenizer": {"path": self.tokenizer_path, "model_hash": tok.model_hash, "vocab_size": tok.vocab_size,
+                              "text_seq_len": tok.text_seq_len},
+                "vae": {"path": self.vae_path, "checkpoint_hash": self.vae_hash, "num_tokens": cfg.num_tokens,
+                        "image_size": cfg.image_size, "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len}}
+
 
 def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Models:
     vae_bytes = storage.read_bytes(vae_path)
@@ -197,13 +149,8 @@ def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Model
                    tokenizer_path, vae_path)
 
 
-def _outputs(output: str, stem: str) -> tuple[str, str]:
-    return (storage.join(output, mf.DATA_DIR, f"{stem}.parquet"),
-            storage.join(output, mf.REJECTS_DIR, f"{stem}.parquet"))
-
-
 def _is_done(output: str, stem: str) -> bool:
-    data, rejects = _outputs(output, stem)
+    data, rejects = mf.shard_outputs(output, stem)
     return storage.parquet_metadata(data) is not None and storage.parquet_metadata(rejects) is not None
 
 
@@ -213,7 +160,7 @@ def _write_shard(output: str, stem: str, parts: list[pa.Table], image_seq_len: i
     bad = pc.is_valid(table.column(_REASON_COL))
     rejects = table.filter(bad)
     good = table.filter(pc.invert(bad))
-    data_path, rejects_path = _outputs(output, stem)
+    data_path, rejects_path = mf.shard_outputs(output, stem)
     storage.write_parquet(pa.table({
         "key": rejects.column("key"), "source": rejects.column("source"),
         "reason": rejects.column(_REASON_COL), "detail": rejects.column(_DETAIL_COL),
@@ -224,39 +171,6 @@ def _write_shard(output: str, stem: str, parts: list[pa.Table], image_seq_len: i
     tokens = pa.table({name: good.column(name) for name in schema.names}, schema=schema)
     tokens = tokens.replace_schema_metadata({mf.HISTOGRAM_KEY: json.dumps(histogram).encode()})
     storage.write_parquet(tokens, data_path)
-
-
-def build_manifest(output: str, stems: list[str], models: _Models) -> dict[str, Any]:
-    """The manifest from the finished files alone (footers + reject reasons), so a resumed run counts the
-    shards an earlier run wrote exactly like its own."""
-    cfg = models.vae.config
-    histogram = np.zeros(cfg.num_tokens, dtype=np.int64)
-    shards, reasons = [], Counter()
-    for stem in stems:
-        data_path, rejects_path = _outputs(output, stem)
-        meta = storage.parquet_metadata(data_path)
-        shards.append({"path": f"{mf.DATA_DIR}/{stem}.parquet", "rows": meta.num_rows, "input": stem})
-        histogram += np.asarray(json.loads(meta.metadata[mf.HISTOGRAM_KEY]), dtype=np.int64)
-        reasons.update(storage.read_parquet(rejects_path, ["reason"]).column("reason").to_pylist())
-    num_rows = sum(s["rows"] for s in shards)
-    usage = (codebook_usage(torch.repeat_interleave(torch.arange(cfg.num_tokens), torch.from_numpy(histogram)),
-                            cfg.num_tokens) if num_rows else {"histogram": histogram.tolist()})
-    return {
-        "schema_version": mf.SCHEMA_VERSION,
-        "num_rows": num_rows,
-        "pairs_in": num_rows + sum(reasons.values()),
-        "image_seq_len": cfg.image_seq_len,
-        "text_seq_len": models.tokenizer.text_seq_len,
-        "codebook_size": cfg.num_tokens,
-        "tokenizer": {"path": models.tokenizer_path, "model_hash": models.tokenizer.model_hash,
-                      "vocab_size": models.tokenizer.vocab_size, "text_seq_len": models.tokenizer.text_seq_len},
-        "vae": {"path": models.vae_path, "checkpoint_hash": models.vae_hash, "num_tokens": cfg.num_tokens,
-                "image_size": cfg.image_size, "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len},
-        "shards": shards,
-        "rejects": {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items())),
-                    "dir": mf.REJECTS_DIR},
-        "codebook_usage": usage,
-    }
 
 
 def _num_rows(path: str) -> int:
@@ -292,7 +206,7 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
     new_rows = 0
     if todo:
         new_rows = _process(by_stem, todo, expected, output, models, config)
-    manifest = build_manifest(output, sorted(by_stem), models)
+    manifest = mf.build_manifest(output, sorted(by_stem), **models.records())
     elapsed = time.perf_counter() - start
     summary = {
         "pairs_in": manifest["pairs_in"], "pairs_out": manifest["num_rows"],
@@ -311,17 +225,14 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
 def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int], output: str, models: _Models,
              config: PretokenizeConfig) -> int:
     """Streams the unfinished inputs through Ray Data, writing each input's output once all its rows are in."""
-    filesystem, _ = storage.arrow_filesystem(by_stem[todo[0]])
-    paths = [storage.filesystem(by_stem[s])[1] for s in todo]
     wanted = ["key", "caption", "url", "jpg", "status", "error_message", "source"]
     present = set(storage.parquet_columns(by_stem[todo[0]]))
     if "jpg" not in present:
         raise PretokenizeError(f"{by_stem[todo[0]]} has no 'jpg' column: not a raw shard (columns {sorted(present)})")
     cfg = models.vae.config
     # One block per raw shard at least: stages overlap and finished shards are written while others run.
-    ds = ray.data.read_parquet(paths, filesystem=filesystem, include_paths=True,
-                               override_num_blocks=len(paths)).select_columns(
-        [c for c in wanted if c in present] + ["path"])
+    ds = read_shards([by_stem[s] for s in todo], include_paths=True, override_num_blocks=len(todo))
+    ds = ds.select_columns([c for c in wanted if c in present] + ["path"])
     ds = ds.map_batches(preprocess_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
         "tokenizer": models.tokenizer, "image_size": cfg.image_size,
         "min_image_size": config.min_image_size, "channels": cfg.channels})

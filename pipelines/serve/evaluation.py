@@ -25,10 +25,10 @@ import ray
 import torch
 from PIL import Image
 
-from dalle_core.config import Config
 from dalle_core.sampling import STATUS_ERROR, batch_seed, latest_checkpoint, make_grid, png_bytes, rank_order
-from pipelines import synthetic
-from pipelines.serve_app import GENERATOR, SCORER, ModelPaths, build_app
+from pipelines.config import Config
+from pipelines.data import synthetic
+from pipelines.serve.app import GENERATOR, SCORER, ModelPaths, build_app
 
 ATTRIBUTES = ("color", "shape", "size", "position")
 

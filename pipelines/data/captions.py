@@ -10,7 +10,7 @@ import ray
 
 from dalle_core.tokenizer import normalize_caption
 from pipelines import storage
-from pipelines.raw import SUCCESS, list_raw_shards
+from pipelines.data.raw import SUCCESS, list_raw_shards
 
 
 def _normalise(batch: pa.Table) -> pa.Table:

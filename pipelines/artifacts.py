@@ -1,0 +1,64 @@
+"""Where trained models live: run directories, the checkpoints in them, and the one published file per model.
+
+Every trainer writes its self-describing weights as ``model.pt`` inside each Ray Train checkpoint; when a run
+ends, the driver publishes the last one to the path named in ``paths`` (``paths.vae``, ``paths.dalle``,
+``paths.clip``). Later stages load only the published files, so none of them knows Ray Train's folder layout.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dalle_core.io import exists, read_bytes, write_bytes
+from pipelines import storage
+from pipelines.config import Config
+
+MODEL_FILE = "model.pt"  # self-describing weights (dalle_core.checkpoint) inside every trainer's checkpoint
+CHECKPOINT_PREFIX = "checkpoint_step_"
+
+
+def run_dir(storage_path: str, run_name: str) -> str:
+    """Where Ray Train puts a run's checkpoints, and where its metrics and samples go beside them."""
+    return storage.join(storage_path, run_name)
+
+
+def checkpoint_name(step: int) -> str:
+    """Checkpoint folder names sort by step."""
+    return f"{CHECKPOINT_PREFIX}{step:08d}"
+
+
+def latest_checkpoint(runs_dir: str, run_name: str) -> str:
+    """The ``model.pt`` of the newest checkpoint of a run (local path or URL)."""
+    where = run_dir(runs_dir, run_name)
+    fs, root = storage.filesystem(where)
+    found = sorted(fs.glob(f"{root}/{CHECKPOINT_PREFIX}*/{MODEL_FILE}"))
+    if not found:
+        raise FileNotFoundError(f"no checkpoint ({MODEL_FILE}) under {where}; train first or pass --checkpoint")
+    return found[-1] if storage.is_local(where) else fs.unstrip_protocol(found[-1])
+
+
+def publish(checkpoint_dir: str, destination: str) -> str:
+    """Copies a checkpoint's ``model.pt`` to ``destination`` (atomically); returns ``destination``."""
+    write_bytes(destination, read_bytes(storage.join(checkpoint_dir, MODEL_FILE)))
+    return destination
+
+
+@dataclass
+class ModelPaths:
+    """The four artifacts generation and evaluation need (local paths or fsspec URLs)."""
+
+    checkpoint: str
+    vae: str
+    tokenizer: str
+    clip: str
+
+
+def model_paths(config: Config, checkpoint: str | None = None, vae: str | None = None,
+                tokenizer: str | None = None, clip: str | None = None) -> ModelPaths:
+    """Explicit paths win; the rest default from ``config.paths``. The DALLE default is the published
+    ``paths.dalle``, or while a run has published nothing yet, its newest checkpoint."""
+    paths = config.paths.resolved()
+    if checkpoint is None:
+        checkpoint = paths.dalle if exists(paths.dalle) else latest_checkpoint(paths.runs, config.train.run_name)
+    return ModelPaths(checkpoint=checkpoint, vae=vae or paths.vae, tokenizer=tokenizer or paths.tokenizer,
+                      clip=clip or paths.clip)
