@@ -25,6 +25,7 @@ import torch
 from dalle_core.checkpoint import save_model
 from dalle_core.clip import CLIP
 from dalle_core.dalle import DALLE
+from dalle_core.io import write_text
 from dalle_core.sampling import PromptChecker
 from dalle_core.tokenizer import BPETokenizer
 from dalle_core.vae import DiscreteVAE
@@ -65,7 +66,8 @@ def bench_sampling(config: Config, checkpoint: str | None, device: str, batches:
 
 
 def write_models(config: Config, folder: Path) -> Config:
-    """Untrained models of the config's sizes + a tokenizer on synthetic captions, where paths expect them."""
+    """Untrained models of the config's sizes + a tokenizer on synthetic captions, where paths expect them (the
+    DALLE as a trainer publishes it, at ``paths.dalle``)."""
     from pipelines.data import synthetic
 
     config = Config.load(None, {"paths.root": str(folder), **_flatten(config)})
@@ -77,7 +79,7 @@ def write_models(config: Config, folder: Path) -> Config:
     torch.manual_seed(0)
     save_model(DiscreteVAE(config.vae), paths.vae)
     save_model(CLIP(config.clip), paths.clip)
-    save_model(DALLE(config.dalle), f"{paths.runs}/{config.train.run_name}/checkpoint_00000001/model.pt")
+    save_model(DALLE(config.dalle), paths.dalle)
     return config
 
 
@@ -96,10 +98,11 @@ def _flatten(config: Config) -> dict[str, Any]:
     return flat
 
 
-def local_client_class():
+def local_client_class() -> type:
     """A plain Ray Data actor that loads the models itself and runs the Serve deployments' batch functions:
     the same work as the Serve path without Serve's request routing and batching queues."""
-    from pipelines.serve.app import ModelPaths, generate_batch, score_batch
+    from pipelines.artifacts import ModelPaths
+    from pipelines.serve.app import generate_batch, score_batch
     from pipelines.serve.evaluation import ServeClient
 
     class LocalClient(ServeClient):
@@ -130,17 +133,12 @@ def bench_end_to_end(config: Config, num_prompts: int, workdir: Path) -> dict[st
     replica, batches of ``evaluate.max_batch_size`` prompts)."""
     import ray
 
-    from pipelines.serve.evaluation import (
-        client_kwargs,
-        load_prompts,
-        resolve_model_paths,
-        run_evaluation,
-        stream_prompts,
-    )
+    from pipelines.artifacts import model_paths
+    from pipelines.serve.evaluation import client_kwargs, load_prompts, run_evaluation, stream_prompts
 
     config = Config.load(None, {"paths.root": str(workdir), **_flatten(config), "evaluate.num_prompts": num_prompts,
                                 "evaluate.prompt_source": "synthetic", "evaluate.http_port": _free_port()})
-    paths = resolve_model_paths(config)
+    paths = model_paths(config)
     prompts = load_prompts(config)
     ray.init(num_cpus=4, object_store_memory=300 * 1024**2, include_dashboard=False)
     ray.data.DataContext.get_current().enable_progress_bars = False
@@ -197,8 +195,7 @@ def main() -> None:
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text)
+        write_text(args.out, text)
 
 
 if __name__ == "__main__":

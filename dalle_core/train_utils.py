@@ -111,3 +111,19 @@ def annealed_temperature(step: int, start: float, rate: float, minimum: float) -
     """Gumbel-softmax temperature for the dVAE: ``start * exp(-rate * step)``, floored at ``minimum``
     (high early so every code gets gradient, low late so samples approach the hard argmax)."""
     return max(start * math.exp(-rate * step), minimum)
+
+
+def native_bf16(device: torch.device | str = "cpu") -> bool:
+    """Whether ``device`` computes bf16 natively. On CPUs without AVX512-BF16/AMX, bf16 matmuls run an order of
+    magnitude slower than fp32 (seen: 1.3 vs 41.5 GFLOP/s per thread on an AVX2-only EPYC)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
+    """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``; other values stay."""
+    if precision != "auto":
+        return precision
+    return "bf16" if native_bf16(device) else "fp32"

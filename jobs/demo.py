@@ -21,14 +21,13 @@ from pathlib import Path
 
 import yaml
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from dalle_core.config import load_yaml
+from pipelines import storage
+from pipelines.cli import LOCAL_MIN_CPUS, load_job_config
+from pipelines.config import DEFAULT_CONFIG, INGEST_SOURCES
+from pipelines.serve.report import format_metrics
 
-from dalle_core.config import load_yaml  # noqa: E402
-from pipelines import storage  # noqa: E402
-from pipelines.cli import LOCAL_MIN_CPUS  # noqa: E402
-from pipelines.config import DEFAULT_CONFIG, INGEST_SOURCES, Config, ConfigError  # noqa: E402
-from pipelines.serve.evaluation import format_metrics  # noqa: E402
+JOBS = Path(__file__).resolve().parent
 
 
 def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:
@@ -47,7 +46,7 @@ def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[s
         ("clip", ["train_clip.py", *cfg]),
         ("evaluate", ["evaluate.py", *cfg]),
     ]
-    return [(name, [sys.executable, str(REPO / "jobs" / cmd[0]), *cmd[1:]]) for name, cmd in chain]
+    return [(name, [sys.executable, str(JOBS / cmd[0]), *cmd[1:]]) for name, cmd in chain]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -57,19 +56,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--source", choices=INGEST_SOURCES, default="folder", help="kind of --input")
     parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
     parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
+    parser.add_argument("--address", help="Ray cluster to run every stage on (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--num-cpus", type=int, default=LOCAL_MIN_CPUS,
                         help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
                              "Ray Data)")
     args = parser.parse_args(argv)
 
+    config = load_job_config("demo", args.config, {"paths.root": args.root})  # every mistake before a stage starts
+    if config is None:
+        return 2
     data = load_yaml(args.config)
     if args.root:
         data.setdefault("paths", {})["root"] = args.root
-    try:  # fail on any mistake before a process starts
-        config = Config.load(args.config, {"paths.root": args.root} if args.root else None)
-    except ConfigError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
-        return 2
     workdir = Path(tempfile.mkdtemp(prefix="dalle-demo-"))
     config_path = str(workdir / "config.yaml")
     Path(config_path).write_text(yaml.safe_dump(data, sort_keys=False))
@@ -82,19 +80,23 @@ def main(argv: list[str] | None = None) -> int:
         chain = chain[names.index(args.from_stage):]
 
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), NO_ALBUMENTATIONS_UPDATE="1")
+    address = args.address or os.environ.get("RAY_ADDRESS")
     cluster = None
-    if "RAY_ADDRESS" not in os.environ:
+    if address:
+        env["RAY_ADDRESS"] = address
+    else:
         import ray
 
         os.environ.update({k: env[k] for k in ("DS_ACCELERATOR", "NO_ALBUMENTATIONS_UPDATE")})
-        cluster = ray.init(num_cpus=args.num_cpus)
+        # The stages are drivers of their own; this one only keeps the cluster up, without echoing their logs.
+        cluster = ray.init(num_cpus=args.num_cpus, log_to_driver=False)
         env["RAY_ADDRESS"] = cluster.address_info["gcs_address"]
     timings = {}
     try:
         for name, command in chain:
             print(f"\n=== [{len(timings) + 1}/{len(chain)}] {name}: {' '.join(command[1:])}", flush=True)
             start = time.perf_counter()
-            code = subprocess.call(command, env=env, cwd=REPO)
+            code = subprocess.call(command, env=env, cwd=JOBS.parent)
             timings[name] = round(time.perf_counter() - start, 1)
             if code != 0:
                 print(f"demo: stage {name!r} failed with exit code {code}", file=sys.stderr)
@@ -106,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     paths = config.paths.resolved()
     print("\n=== artifacts")
-    for key in ("raw", "tokenizer", "vae", "shards", "runs", "clip", "evaluation"):
+    for key in ("raw", "tokenizer", "vae", "shards", "runs", "dalle", "clip", "evaluation"):
         print(f"{key:>12}: {getattr(paths, key)}")
     print(f"\n=== seconds per stage: {json.dumps(timings)} (total {sum(timings.values()):.0f})")
     metrics_path = storage.join(paths.evaluation, "metrics.json")

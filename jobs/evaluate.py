@@ -2,6 +2,7 @@
 
     python jobs/evaluate.py --config configs/tiny.yaml [--checkpoint ... --vae ... --tokenizer ... --clip ...]
         [--prompts FILE.txt | --prompts FILE.parquet --column caption] [--num-prompts N] [--output DIR|s3://...]
+        [--address ray://head:10001]
 
 Writes top-k PNGs, grid.png, results.parquet, metrics.json and report.html to the output (default
 ``paths.evaluation``); prints the metrics as JSON. See docs/evaluate.md.
@@ -12,13 +13,14 @@ from __future__ import annotations
 import json
 import sys
 
+from pipelines.artifacts import model_paths
 from pipelines.cli import connect_ray, job_parser, load_job_config
-from pipelines.serve.evaluation import load_prompts, resolve_model_paths, run_evaluation
+from pipelines.serve.evaluation import load_prompts, run_evaluation
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
-    parser.add_argument("--checkpoint", help="DALLE model file; default: newest under paths.runs")
+    parser.add_argument("--checkpoint", help="DALLE model file; default: paths.dalle, else newest under paths.runs")
     parser.add_argument("--vae")
     parser.add_argument("--tokenizer")
     parser.add_argument("--clip")
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, help="0 = all (evaluate.num_prompts)")
     parser.add_argument("--output", help="output folder, local or s3:// (paths.evaluation)")
     parser.add_argument("--http-port", type=int, help="evaluate.http_port")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
 
     source = None if not args.prompts else "parquet" if args.prompts.endswith(".parquet") else "text"
@@ -36,9 +39,9 @@ def main(argv: list[str] | None = None) -> int:
         "evaluate.http_port": args.http_port})
     if config is None:
         return 2
-    paths = resolve_model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
+    paths = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
     prompts = load_prompts(config)
-    connect_ray()
+    connect_ray(args.address)
     metrics = run_evaluation(config, paths, args.output or config.paths.resolved().evaluation, prompts)
     print(json.dumps(metrics, indent=2))
     return 0

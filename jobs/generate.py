@@ -2,7 +2,8 @@
 
 Writes ``<out>/rank<r>_cand<c>.png`` for every candidate (ranked by CLIP when a CLIP checkpoint is found or
 given, else in sampling order) and ``<out>/grid.png``, then prints a JSON summary. Model paths default from
-the config's ``paths`` section (the newest DALLE checkpoint under ``paths.runs``); flags override them.
+the config's ``paths`` section (the published ``paths.dalle``, else the newest checkpoint under ``paths.runs``);
+flags override them.
 """
 
 from __future__ import annotations
@@ -11,19 +12,21 @@ import dataclasses
 import json
 import sys
 
-import fsspec
-
 from dalle_core.checkpoint import load_model
-from dalle_core.sampling import generate_prompt, latest_checkpoint, load_generator, make_grid, png_bytes
+from dalle_core.images import png_bytes
+from dalle_core.io import exists, write_bytes
+from dalle_core.sampling import generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
+from pipelines.artifacts import model_paths
 from pipelines.cli import job_parser, load_job_config
+from pipelines.serve.report import grid_png
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", "--num-candidates", type=int, help="default: sampling.num_candidates")
-    parser.add_argument("--checkpoint", help="DALLE model file; default: newest under paths.runs")
+    parser.add_argument("--checkpoint", help="DALLE model file; default: paths.dalle, else newest under paths.runs")
     parser.add_argument("--vae", help="default: paths.vae")
     parser.add_argument("--tokenizer", help="default: paths.tokenizer")
     parser.add_argument("--clip", help="CLIP model file for reranking; default: paths.clip if it exists")
@@ -43,13 +46,12 @@ def main(argv: list[str] | None = None) -> int:
         "sampling.top_images": 1 if args.num_candidates is not None else None})
     if config is None:
         return 2
-    paths = config.paths.resolved()
-    checkpoint = args.checkpoint or latest_checkpoint(paths.runs, config.train.run_name)
-    generator = load_generator(checkpoint, args.vae or paths.vae, args.device)
-    tokenizer = BPETokenizer.load(args.tokenizer or paths.tokenizer, config.tokenizer.text_seq_len)
+    models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
+    generator = load_generator(models.checkpoint, models.vae, args.device)
+    tokenizer = BPETokenizer.load(models.tokenizer, config.tokenizer.text_seq_len)
     generator.check_tokenizer(tokenizer)
-    clip_path = None if args.no_rerank else args.clip or paths.clip
-    if clip_path and not args.clip and not fsspec.core.url_to_fs(clip_path)[0].exists(clip_path):
+    clip_path = None if args.no_rerank else models.clip
+    if clip_path and not args.clip and not exists(clip_path):
         clip_path = None  # the default CLIP is optional; an explicit --clip that is missing is an error
     scorer = load_model(clip_path, map_location=args.device) if clip_path else None
 
@@ -58,16 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     if not result.check.ok:
         print(json.dumps({"prompt": args.prompt, "status": result.check.status, "detail": result.check.detail}))
         return 2
-    out = (args.output or f"{paths.evaluation}/generate").rstrip("/")
+    out = (args.output or f"{config.paths.resolved().evaluation}/generate").rstrip("/")
     files = []
     for rank, cand in enumerate(result.order):
         files.append(f"{out}/rank{rank}_cand{cand}.png")
-        with fsspec.open(files[-1], "wb") as f:
-            f.write(png_bytes(result.images[cand]))
-    with fsspec.open(f"{out}/grid.png", "wb") as f:
-        f.write(png_bytes(make_grid([[result.images[c] for c in result.order]],
-                                    scale=max(1, 64 // result.images.shape[1]))))
-    print(json.dumps({"prompt": args.prompt, "status": "ok", "checkpoint": checkpoint, "files": files,
+        write_bytes(files[-1], png_bytes(result.images[cand]))
+    write_bytes(f"{out}/grid.png", grid_png([[result.images[c] for c in result.order]]))
+    print(json.dumps({"prompt": args.prompt, "status": "ok", "checkpoint": models.checkpoint, "files": files,
                       "grid": f"{out}/grid.png", "scores": [result.scores[c] for c in result.order]
                       if result.scores else None, "sampling": dataclasses.asdict(sampling)}, indent=2))
     return 0

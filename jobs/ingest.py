@@ -14,13 +14,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.config import INGEST_SOURCES  # noqa: E402
-from pipelines.data.ingest import ingest_folder, ingest_url_list, ingest_webdataset  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.config import INGEST_SOURCES
+from pipelines.data.ingest import ingest_folder, ingest_url_list, ingest_webdataset
 
 RUNNERS = {"urls": ingest_url_list, "folder": ingest_folder, "webdataset": ingest_webdataset}
 
@@ -34,7 +31,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--caption-col", default=None, help="ingest.caption_col")
     parser.add_argument("--output-format", default=None, help="ingest.output_format (parquet | webdataset)")
     parser.add_argument("--samples-per-shard", type=int, default=None, help="ingest.samples_per_shard")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
     flags = {"ingest.source": args.source, "ingest.url_col": args.url_col, "ingest.caption_col": args.caption_col,
              "ingest.output_format": args.output_format, "ingest.samples_per_shard": args.samples_per_shard}

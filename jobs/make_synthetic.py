@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dalle_core.config import ConfigError  # noqa: E402
-from pipelines.cli import job_parser, load_job_config  # noqa: E402
-from pipelines.data.synthetic import write_synthetic  # noqa: E402
+from pipelines.cli import job_parser, load_job_config
+from pipelines.config import ConfigError
+from pipelines.data.synthetic import write_synthetic
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__)
+    parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--output", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--num-samples", type=int, default=None, help="synthetic.num_samples")
     parser.add_argument("--seed", type=int, default=None, help="synthetic.seed")

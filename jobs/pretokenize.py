@@ -12,12 +12,9 @@ from __future__ import annotations
 
 import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.data.pretokenize import PretokenizeError, run_pretokenize  # noqa: E402
+from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.data.pretokenize import PretokenizeError, run_pretokenize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +27,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=None, help="pretokenize.concurrency (dVAE actors)")
     parser.add_argument("--num-gpus-per-actor", type=float, default=None, help="pretokenize.num_gpus_per_actor")
     parser.add_argument("--overwrite", action="store_true", default=None, help="redo finished shards")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
     flags = {"pretokenize.batch_size": args.batch_size, "pretokenize.concurrency": args.concurrency,
              "pretokenize.num_gpus_per_actor": args.num_gpus_per_actor, "pretokenize.overwrite": args.overwrite}

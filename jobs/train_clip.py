@@ -1,10 +1,11 @@
 """Trains the reranking CLIP on raw shards with Ray Train (DDP) and reports held-out retrieval accuracy.
 
     python jobs/train_clip.py --config configs/tiny.yaml [--input DIR|s3://...] [--tokenizer ...] [--output clip.pt]
-        [--storage-path RUNS_DIR] [--max-steps N] [--num-workers N]
+        [--storage-path RUNS_DIR] [--run-name NAME] [--max-steps N] [--num-workers N]
 
-Writes a self-describing checkpoint (``dalle_core.checkpoint.load_model`` reads it) to ``--output`` (default
-``paths.clip``) and ``<out stem>_metrics.json`` beside it (text->image and image->text top-1/top-5).
+Checkpoints and metrics.jsonl go to <storage-path>/<run-name> (rerunning resumes). The final self-describing
+checkpoint is published to ``--output`` (default ``paths.clip``) with ``<out stem>_metrics.json`` beside it
+(text->image and image->text top-1/top-5).
 """
 
 from __future__ import annotations
@@ -12,29 +13,25 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines.cli import connect_ray, job_parser, load_job_config
-from pipelines.train.clip import run_train_clip
+from pipelines.cli import add_trainer_flags, connect_ray, job_parser, load_job_config, trainer_overrides
+from pipelines.train.clip import train_clip
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--input", help="raw shards (paths.raw)")
     parser.add_argument("--tokenizer", help="BPE model (paths.tokenizer)")
-    parser.add_argument("--output", help="CLIP model file (paths.clip)")
-    parser.add_argument("--storage-path", help="Ray Train storage path (paths.runs)")
-    parser.add_argument("--max-steps", type=int, help="train_clip.max_steps")
-    parser.add_argument("--num-workers", type=int, help="train_clip.num_workers")
+    add_trainer_flags(parser, "train_clip", "clip")
     args = parser.parse_args(argv)
-
-    config = load_job_config("train_clip", args.config, {"train_clip.max_steps": args.max_steps,
-                                                        "train_clip.num_workers": args.num_workers})
+    config = load_job_config("train_clip", args.config, trainer_overrides(args, "train_clip"))
     if config is None:
         return 2
     paths = config.paths.resolved()
-    connect_ray()
-    metrics = run_train_clip(config, args.input or paths.raw, args.tokenizer or paths.tokenizer,
-                             args.output or paths.clip, args.storage_path or paths.runs)
-    print(json.dumps({k: v for k, v in metrics.items() if k != "history"}, indent=2))
+    connect_ray(args.address)
+    metrics = train_clip(config, raw=args.input or paths.raw, tokenizer_path=args.tokenizer or paths.tokenizer,
+                         storage_path=args.storage_path or paths.runs, run_name=config.train_clip.run_name,
+                         output=args.output or paths.clip)
+    print(json.dumps(metrics, indent=2))
     return 0
 
 

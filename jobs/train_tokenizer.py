@@ -10,13 +10,10 @@ from __future__ import annotations
 import json
 import sys
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from dalle_core.tokenizer import BPETokenizer  # noqa: E402
-from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.data.captions import iter_captions  # noqa: E402
+from dalle_core.tokenizer import BPETokenizer
+from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.data.captions import iter_captions
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,7 +21,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--output", default=None, help="model file, local or s3:// (paths.tokenizer)")
     parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer.vocab_size")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
     flags = {"tokenizer.vocab_size": args.vocab_size}
     config = load_job_config("train_tokenizer", args.config, flags)

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/train_vae.py --config configs/tiny.yaml
 
 Checkpoints, metrics.jsonl, TensorBoard and reconstruction grids (samples/*.png) go to
-<storage-path>/<run-name>; the final self-describing dVAE is copied to --output (paths.vae). Rerunning with
+<storage-path>/<run-name>; the final self-describing dVAE is published to --output (paths.vae). Rerunning with
 the same run name resumes. On the synthetic set, reconstruction.json in the run directory says how often
 decode(encode(x)) keeps colour and shape (the checker, on fresh pictures).
 """
@@ -12,60 +12,38 @@ decode(encode(x)) keeps colour and shape (the checker, on fresh pictures).
 from __future__ import annotations
 
 import json
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import ray  # noqa: E402
-
-from pipelines import storage  # noqa: E402
-from pipelines.cli import connect_ray, job_parser, load_job_config  # noqa: E402
-from pipelines.data.raw import list_raw_shards  # noqa: E402
-from pipelines.data.synthetic import dvae_reconstruction, has_ground_truth  # noqa: E402
-from pipelines.train.dalle import run_dir  # noqa: E402
-from pipelines.train.vae import build_vae_trainer  # noqa: E402
+from pipelines import artifacts
+from pipelines.cli import add_trainer_flags, connect_ray, job_parser, load_job_config, trainer_overrides
+from pipelines.data.raw import list_raw_shards
+from pipelines.train.vae import train_vae
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
-    parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
-    parser.add_argument("--output", default=None, help="final dVAE checkpoint (paths.vae)")
-    parser.add_argument("--storage-path", default=None, help="run storage (paths.runs)")
-    parser.add_argument("--run-name", default=None, help="run name; the same name resumes (train_vae.run_name)")
-    parser.add_argument("--num-workers", type=int, default=None, help="train_vae.num_workers")
-    parser.add_argument("--max-steps", type=int, default=None, help="train_vae.max_steps")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
+    parser.add_argument("--input", help="raw shard folder, local or s3:// (paths.raw)")
+    add_trainer_flags(parser, "train_vae", "vae")
     args = parser.parse_args(argv)
-    flags = {"train_vae.num_workers": args.num_workers, "train_vae.max_steps": args.max_steps}
-    config = load_job_config("train_vae", args.config, flags)
+    config = load_job_config("train_vae", args.config, trainer_overrides(args, "train_vae"))
     if config is None:
         return 2
     paths = config.paths.resolved()
     raw = args.input or paths.raw
     try:
-        shards = list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
+        list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
     except FileNotFoundError as exc:
         print(f"train_vae: {exc}", file=sys.stderr)
         return 2
-    output = args.output or paths.vae
-    storage_path = args.storage_path or paths.runs
-    name = args.run_name or config.train_vae.run_name
+    storage_path, name, output = args.storage_path or paths.runs, config.train_vae.run_name, args.output or paths.vae
 
     connect_ray(args.address)
-    ray.data.DataContext.get_current().enable_progress_bars = False
-    result = build_vae_trainer(config, raw=raw, storage_path=storage_path, run_name=name).fit()
-    with result.checkpoint.as_directory() as ckpt:
-        storage.write_bytes(output, Path(ckpt, "vae.pt").read_bytes())
-    where = run_dir(storage_path, name)
+    result, reconstruction = train_vae(config, raw=raw, storage_path=storage_path, run_name=name, output=output)
+    where = artifacts.run_dir(storage_path, name)
     print(f"run directory:  {where} (metrics.jsonl, tensorboard/, samples/*.png)")
-    print(f"checkpoint:     {where}/{os.path.basename(result.checkpoint.path)}")
     print(f"dVAE:           {output}")
-    print(f"final metrics:  {result.metrics}")
-    if has_ground_truth(shards[0]):  # the synthetic set: score what the codes keep
-        reconstruction = dvae_reconstruction(output, config.synthetic)
-        storage.write_json(f"{where}/reconstruction.json", reconstruction)
+    print(f"final step:     {result.metrics['step']}")
+    if reconstruction:
         print(f"reconstruction: {json.dumps(reconstruction)} ({where}/reconstruction.json)")
     return 0
 

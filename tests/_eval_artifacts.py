@@ -1,9 +1,11 @@
 """Tiny evaluation artifacts built in seconds: a BPE model on synthetic captions and untrained (seeded) DALLE,
-dVAE and CLIP saved with save_model, plus a Config whose paths point at them."""
+dVAE and CLIP saved with save_model, plus a Config whose paths point at them. The DALLE is laid out as the trainer
+leaves it: checkpoints under the run folder and the last one published to ``paths.dalle``."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -12,6 +14,7 @@ from dalle_core.clip import CLIP
 from dalle_core.dalle import DALLE
 from dalle_core.tokenizer import BPETokenizer
 from dalle_core.vae import DiscreteVAE
+from pipelines import artifacts, storage
 from pipelines.config import Config
 from pipelines.data import synthetic
 
@@ -35,12 +38,13 @@ def captions() -> list[str]:
     return out
 
 
-def tiny_config(root: Path, **overrides) -> Config:
+def tiny_config(root: Path, **overrides: Any) -> Config:
     return Config.load(None, {"paths.root": str(root), **TINY, **overrides})
 
 
-def build_artifacts(root: Path, **overrides) -> Config:
-    """Writes tokenizer, dVAE, CLIP and a DALLE checkpoint where ``config.paths`` expects them."""
+def build_artifacts(root: Path, **overrides: Any) -> Config:
+    """Writes tokenizer, dVAE, CLIP, two DALLE checkpoints and the published DALLE where ``config.paths``
+    expects them."""
     config = tiny_config(root, **overrides)
     paths = config.paths.resolved()
     tok = BPETokenizer.train(captions(), paths.tokenizer, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
@@ -48,7 +52,9 @@ def build_artifacts(root: Path, **overrides) -> Config:
     torch.manual_seed(0)
     save_model(DiscreteVAE(config.vae), paths.vae)
     save_model(CLIP(config.clip), paths.clip)
-    run = Path(paths.runs) / config.train.run_name
-    save_model(DALLE(config.dalle), str(run / "checkpoint_step_00000001" / "model.pt"))
-    save_model(DALLE(config.dalle), str(run / "checkpoint_step_00000002" / "model.pt"), extra={"step": 2})
+    run = artifacts.run_dir(paths.runs, config.train.run_name)
+    save_model(DALLE(config.dalle), storage.join(run, artifacts.checkpoint_name(1), artifacts.MODEL_FILE))
+    last = storage.join(run, artifacts.checkpoint_name(2))
+    save_model(DALLE(config.dalle), storage.join(last, artifacts.MODEL_FILE), extra={"step": 2})
+    artifacts.publish(last, paths.dalle)
     return config

@@ -9,7 +9,7 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import yaml
 
-from pipelines.serve.evaluation import QUALITY_BAR
+from pipelines.serve.report import QUALITY_BAR
 
 ROOT = Path(__file__).resolve().parents[1]
 

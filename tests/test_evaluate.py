@@ -16,15 +16,10 @@ from conftest import free_port
 from PIL import Image
 from ray import serve
 
+from pipelines.artifacts import model_paths
 from pipelines.serve.app import build_app
-from pipelines.serve.evaluation import (
-    compute_metrics,
-    format_metrics,
-    load_prompts,
-    quality_bar,
-    resolve_model_paths,
-    run_evaluation,
-)
+from pipelines.serve.evaluation import load_prompts, run_evaluation
+from pipelines.serve.report import compute_metrics, format_metrics, quality_bar
 
 BAD = {"empty": "   ", "too_long": "a small red circle on the left and a large blue square on the right side",
        "unknown_chars": "a red circle ☃"}
@@ -49,7 +44,7 @@ def test_live_http_request_returns_ranked_pngs(config):
     ev = config.evaluate
     serve.start(http_options={"host": "127.0.0.1", "port": ev.http_port})
     try:
-        serve.run(build_app(config, resolve_model_paths(config)), name=ev.app_name, route_prefix="/")
+        serve.run(build_app(config, model_paths(config)), name=ev.app_name, route_prefix="/")
         url = f"http://127.0.0.1:{ev.http_port}/"
         reply = requests.post(url, json={"prompt": "a small red circle on the left", "n": 3}, timeout=60)
         assert reply.status_code == 200, reply.text
@@ -74,7 +69,7 @@ def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
     prompts = load_prompts(config)
     prompts += [{"key": f"bad_{status}", "prompt": text} for status, text in BAD.items()]
     out = tmp_path / "out"
-    metrics = run_evaluation(config, resolve_model_paths(config), str(out), prompts)
+    metrics = run_evaluation(config, model_paths(config), str(out), prompts)
     assert serve_is_down()
 
     results = pd.read_parquet(out / "results.parquet")
@@ -119,7 +114,7 @@ def test_serve_is_shut_down_when_the_job_fails(config, tmp_path):
     blocker = tmp_path / "a_file"
     blocker.write_text("not a folder")
     with pytest.raises(Exception):  # noqa: B017 - whatever Ray Data wraps the write error in
-        run_evaluation(config, resolve_model_paths(config), str(blocker / "out"), load_prompts(config)[:2])
+        run_evaluation(config, model_paths(config), str(blocker / "out"), load_prompts(config)[:2])
     assert serve_is_down()
 
 

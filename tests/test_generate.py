@@ -1,4 +1,5 @@
-"""jobs/generate.py and the shared prompt -> image helpers in dalle_core.sampling (no Ray)."""
+"""jobs/generate.py, the shared prompt -> image helpers in dalle_core.sampling and the default model paths
+(no Ray)."""
 
 from __future__ import annotations
 
@@ -9,13 +10,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from _eval_artifacts import build_artifacts
+from _eval_artifacts import build_artifacts, tiny_config
 from PIL import Image
 
 from dalle_core.checkpoint import load_model
 from dalle_core.config import SamplingConfig
-from dalle_core.sampling import PromptChecker, generate_prompt, latest_checkpoint, load_generator, make_grid
+from dalle_core.images import make_grid
+from dalle_core.sampling import PromptChecker, generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
+from pipelines.artifacts import latest_checkpoint, model_paths
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -70,6 +73,18 @@ def test_latest_checkpoint_picks_the_highest_step(config, tmp_path):
     assert latest_checkpoint(config.paths.resolved().runs, "dalle").endswith("checkpoint_step_00000002/model.pt")
     with pytest.raises(FileNotFoundError, match="pass --checkpoint"):
         latest_checkpoint(str(tmp_path), "dalle")
+
+
+def test_model_paths_prefer_the_published_dalle_then_the_newest_checkpoint(config, tmp_path):
+    paths = config.paths.resolved()
+    assert Path(paths.dalle).is_file()
+    assert model_paths(config).checkpoint == paths.dalle
+    unpublished = tiny_config(Path(paths.root), **{"paths.dalle": str(tmp_path / "not_published.pt")})
+    newest = model_paths(unpublished)
+    assert newest.checkpoint == latest_checkpoint(paths.runs, "dalle")
+    assert newest.checkpoint.endswith("checkpoint_step_00000002/model.pt")
+    assert (newest.vae, newest.tokenizer, newest.clip) == (paths.vae, paths.tokenizer, paths.clip)
+    assert model_paths(config, checkpoint="explicit.pt").checkpoint == "explicit.pt"  # a flag always wins
 
 
 def test_prompt_checker_statuses(config):

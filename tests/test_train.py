@@ -30,10 +30,12 @@ from ray.train.v2.api.exceptions import TrainingFailedError
 from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.config import to_dict
 from dalle_core.dalle import DALLE
-from dalle_core.train_utils import annealed_temperature, collate_tokens, image_grid, lr_multiplier, mfu
+from dalle_core.images import make_grid
+from dalle_core.train_utils import annealed_temperature, collate_tokens, lr_multiplier, mfu
 from pipelines.config import Config
 from pipelines.data.manifest import SCHEMA_VERSION, token_schema
-from pipelines.train.dalle import FAIL_ENV, build_trainer, load_checked_manifest
+from pipelines.train.dalle import build_dalle_trainer, load_checked_manifest
+from pipelines.train.runner import FAIL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_SHARD = 48  # 96 rows / 2 workers / batch 8 = 6 batches per epoch: 12 steps cross an epoch boundary
@@ -89,7 +91,8 @@ def read_metrics(run: Path) -> list[dict]:
 
 def fit(config: Config, shards: Path, storage: Path, name: str):
     manifest = load_checked_manifest(config, str(shards))
-    return build_trainer(config, manifest, shards_dir=str(shards), storage_path=str(storage), run_name=name).fit()
+    return build_dalle_trainer(config, manifest, shards_dir=str(shards), storage_path=str(storage),
+                               run_name=name).fit()
 
 
 def check_run_outputs(run: Path, config: Config, workers: int) -> dict[str, torch.Tensor]:
@@ -149,7 +152,7 @@ def test_lr_schedule_collate_grid_and_mfu():
     assert all(a >= b for a, b in zip(mult[4:], mult[5:], strict=False)) and mult[20:] == [pytest.approx(0.1)] * 4
     text, codes = collate_tokens([[5, 6, 7], [9] * 12], np.array([[1, 2], [3, 4]], dtype=np.uint16), 8)
     assert text.tolist() == [[5, 6, 7, 0, 0, 0, 0, 0], [9] * 8] and codes.dtype == torch.long
-    grid = image_grid([torch.zeros(3, 3, 4, 5), torch.ones(3, 3, 4, 5)])
+    grid = make_grid([[np.zeros((4, 5, 3), np.uint8)] * 3, [np.full((4, 5, 3), 255, np.uint8)] * 3], pad=0)
     assert grid.shape == (8, 15, 3) and grid[:4].max() == 0 and grid[4:].min() == 255
     assert mfu(1000.0, 6.0e6, 1.2e10) == pytest.approx(0.5)
     assert annealed_temperature(0, 1.0, 0.1, 0.5) == 1.0 and annealed_temperature(100, 1.0, 0.1, 0.5) == 0.5

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import ray
+import torch
 from PIL import Image
 
 from dalle_core.checkpoint import load_model_with_extra
@@ -18,6 +19,7 @@ from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.raw import raw_table
 from pipelines.data.synthetic import write_synthetic
+from pipelines.train.runner import FAIL_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -81,6 +83,24 @@ def test_train_vae_ddp_samples_checkpoint_and_resume(cluster, workspace):
     assert load_model_with_extra(str(workspace / "vae.pt"))[1]["step"] == 12
     assert sorted(p.name for p in run.glob("checkpoint_step_*")) == ["checkpoint_step_00000008",
                                                                     "checkpoint_step_00000012"]
+
+
+def test_train_vae_killed_worker_resumes_to_the_same_model(cluster, workspace, tmp_path, monkeypatch):
+    """Rank 1 dies at step 5; the retried run resumes from the step-4 checkpoint and ends where the
+    uninterrupted run above was at step 8 (same data position, optimiser, schedule and per-rank RNG)."""
+    config = json.loads((workspace / "cfg.yaml").read_text())
+    config["train_vae"]["max_failures"] = 1
+    (tmp_path / "cfg.yaml").write_text(json.dumps(config))
+    monkeypatch.setenv(FAIL_ENV, f"5:1:{tmp_path / 'crashed'}")
+    code = train_vae_job.main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(workspace / "raw"),
+                               "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "vae.pt")])
+    assert code == 0 and (tmp_path / "crashed").exists()
+    records = [json.loads(line) for line in (tmp_path / "runs" / "vae" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["start_step"]) for r in records] == [(2, 0), (4, 0), (6, 4), (8, 4)]
+    resumed = load_model_with_extra(str(tmp_path / "vae.pt"))[0].state_dict()
+    reference = load_model_with_extra(str(workspace / "runs" / "vae" / "checkpoint_step_00000008" / "model.pt"))[0]
+    for key, value in reference.state_dict().items():
+        torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
 
 
 def test_missing_raw_shards_fail_before_ray(tmp_path, capsys):

@@ -14,5 +14,6 @@ def read_shards(paths: list[str], columns: list[str] | None = None, **read_kwarg
     if not paths:
         raise FileNotFoundError("no Parquet shards to read")
     filesystem = storage.arrow_filesystem(paths[0])[0]
-    return ray.data.read_parquet([storage.arrow_filesystem(p)[1] for p in paths], columns=columns,
-                                 filesystem=filesystem, **read_kwargs)
+    dataset = ray.data.read_parquet([storage.arrow_filesystem(p)[1] for p in paths], filesystem=filesystem,
+                                    **read_kwargs)
+    return dataset.select_columns(columns) if columns else dataset

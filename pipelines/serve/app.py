@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -26,35 +25,23 @@ from ray.serve import Application
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
+from dalle_core.checkpoint import load_model
 from dalle_core.config import SamplingConfig
+from dalle_core.images import from_uint8, make_grid, png_bytes, to_uint8
 from dalle_core.sampling import (
     STATUS_ERROR,
     ImageGenerator,
     PromptChecker,
     batch_seed,
-    from_uint8,
     load_generator,
-    make_grid,
-    pad_ids,
-    png_bytes,
     rank_order,
     score_candidates,
-    to_uint8,
 )
-from dalle_core.tokenizer import BPETokenizer
+from dalle_core.tokenizer import BPETokenizer, pad_text_ids
+from pipelines.artifacts import ModelPaths, model_paths
 from pipelines.config import Config, EvaluateConfig
 
 GENERATOR, SCORER = "Generator", "Scorer"
-
-
-@dataclass
-class ModelPaths:
-    """The four artifacts the application needs (local paths or fsspec URLs)."""
-
-    checkpoint: str
-    vae: str
-    tokenizer: str
-    clip: str
 
 
 def _device(num_gpus: float) -> str:
@@ -74,7 +61,7 @@ def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: Samp
     for n in sorted({int(requests[i].get("num_candidates") or sampling.num_candidates) for i in ok}):
         group = [i for i in ok if int(requests[i].get("num_candidates") or sampling.num_candidates) == n]
         seed = batch_seed(sampling.seed, [str(requests[i].get("key", requests[i]["prompt"])) for i in group])
-        text = pad_ids([checks[i].text_ids for i in group], model.text_seq_len)
+        text = pad_text_ids([checks[i].text_ids for i in group], model.text_seq_len)
         try:
             images = to_uint8(model.generate(text, n, sampling, seed))
         except Exception as exc:  # recorded per prompt; the replica stays up for the next batch
@@ -90,7 +77,7 @@ def score_batch(clip: torch.nn.Module, requests: list[dict[str, Any]]) -> list[l
     """The Scorer's work for one batch: every candidate of every request in one CLIP pass."""
     seq = clip.config.text_seq_len
     counts = [len(r["images"]) for r in requests]
-    text = pad_ids([r["text_ids"] for r in requests], seq).repeat_interleave(torch.tensor(counts), dim=0)
+    text = pad_text_ids([r["text_ids"] for r in requests], seq).repeat_interleave(torch.tensor(counts), dim=0)
     images = from_uint8(np.concatenate([r["images"] for r in requests]))
     scores = score_candidates(clip, text, images[:, None])[:, 0]
     return [s.tolist() for s in scores.split(counts)]
@@ -131,8 +118,6 @@ class Scorer:
 
     def __init__(self, clip_path: str, max_batch_size: int, batch_wait_timeout_s: float,
                  num_gpus: float = 0.0) -> None:
-        from dalle_core.checkpoint import load_model
-
         self.clip = load_model(clip_path, map_location=_device(num_gpus)).eval()
         self.score.set_max_batch_size(max_batch_size)
         self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
@@ -208,8 +193,7 @@ def build_app(config: Config, paths: ModelPaths) -> Application:
 
 def app_builder(args: dict[str, str]) -> Application:
     """``serve run pipelines.serve.app:app_builder config=... [checkpoint=... vae=... tokenizer=... clip=...]``;
-    paths default from the config's ``paths`` section and the newest DALLE checkpoint under ``paths.runs``."""
-    from pipelines.serve.evaluation import resolve_model_paths
-
+    paths default as :func:`pipelines.artifacts.model_paths` says (the published ``paths.dalle``, else the newest
+    checkpoint under ``paths.runs``)."""
     config = Config.load(args.get("config") or None)
-    return build_app(config, resolve_model_paths(config, **{k: v for k, v in args.items() if k != "config"}))
+    return build_app(config, model_paths(config, **{k: v for k, v in args.items() if k != "config"}))

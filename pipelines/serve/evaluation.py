@@ -7,42 +7,35 @@ ranked candidates land in an output folder (local or s3://):
     metrics.json                      CLIP top-1 vs random candidate; synthetic attribute accuracy
     report.html                       grid, per-prompt scores and the metrics
 
-Serve is started here and shut down when the job ends, whether it succeeds or fails.
+Serve is started here and shut down when the job ends, whether it succeeds or fails. What the rows mean
+(metrics, quality bar, grid and HTML report) is :mod:`pipelines.serve.report`'s.
 """
 
 from __future__ import annotations
 
-import html
-import json
 import time
 from dataclasses import asdict
 from typing import Any
 
-import fsspec
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 import ray
 import torch
-from PIL import Image
 
-from dalle_core.sampling import STATUS_ERROR, batch_seed, latest_checkpoint, make_grid, png_bytes, rank_order
+from dalle_core.checkpoint import load_model
+from dalle_core.images import png_bytes
+from dalle_core.io import read_bytes, write_bytes
+from dalle_core.sampling import STATUS_ERROR, batch_seed, rank_order
+from pipelines import storage
+from pipelines.artifacts import ModelPaths
 from pipelines.config import Config
-from pipelines.data import synthetic
-from pipelines.serve.app import GENERATOR, SCORER, ModelPaths, build_app
-
-ATTRIBUTES = ("color", "shape", "size", "position")
-
+from pipelines.data import checker, synthetic
+from pipelines.serve.app import GENERATOR, SCORER, build_app
+from pipelines.serve.report import ATTRIBUTES, compute_metrics, quality_bar, write_report
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
-
-
-def resolve_model_paths(config: Config, checkpoint: str | None = None, vae: str | None = None,
-                        tokenizer: str | None = None, clip: str | None = None) -> ModelPaths:
-    """Explicit paths win; the rest default from ``config.paths`` (so flags alone can point at s3://)."""
-    paths = config.paths.resolved()
-    return ModelPaths(checkpoint=checkpoint or latest_checkpoint(paths.runs, config.train.run_name),
-                      vae=vae or paths.vae, tokenizer=tokenizer or paths.tokenizer, clip=clip or paths.clip)
 
 
 def synthetic_prompts(config: Config, num_prompts: int) -> list[dict[str, Any]]:
@@ -75,14 +68,13 @@ def load_prompts(config: Config, source: str | None = None, path: str | None = N
     if source == "synthetic":
         records = synthetic_prompts(config, limit)
     elif source == "text":
-        with fsspec.open(path, "r", encoding="utf-8") as f:
-            lines = f.read().split("\n")
+        lines = read_bytes(path).decode("utf-8").split("\n")
         if lines and lines[-1] == "":
             lines.pop()  # the file's final newline ends the last prompt; it is not one more prompt
         records = [{"prompt": line} for line in lines]
     elif source == "parquet":
-        table = pd.read_parquet(path, columns=[column], filesystem=fsspec.core.url_to_fs(path)[0])
-        records = [{"prompt": "" if v is None else str(v)} for v in table[column].tolist()]
+        values = storage.read_parquet(path, columns=[column]).column(column).to_pylist()
+        records = [{"prompt": "" if v is None else str(v)} for v in values]
     else:
         raise ValueError(f"unknown prompt source {source!r}; expected synthetic, text or parquet")
     records = records[:limit] if limit else records
@@ -97,7 +89,7 @@ def load_prompts(config: Config, source: str | None = None, path: str | None = N
 
 def check_attributes(image: np.ndarray) -> dict[str, str]:
     """The synthetic set's checker on one uint8 picture; "none" for every attribute when it finds no shape."""
-    found = synthetic.check_picture(image)
+    found = checker.check_picture(image)
     return asdict(found) if found is not None else {a: "none" for a in ATTRIBUTES}
 
 
@@ -133,8 +125,7 @@ class ServeClient:
             path = ""
             if rank < self.top:
                 path = f"images/{rec['key']}/rank{rank}_cand{cand}.png"
-                with fsspec.open(f"{self.output}/{path}", "wb") as f:
-                    f.write(png_bytes(images[cand]))
+                write_bytes(f"{self.output}/{path}", png_bytes(images[cand]))
             pred = check_attributes(images[cand]) if check else {}
             rows.append(dict(base, candidate=cand, score=float(scores[cand]), rank=rank,
                              random_pick=cand == pick, image_path=path,
@@ -176,171 +167,6 @@ class ServeClient:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Outputs
-
-
-def compute_metrics(results: pd.DataFrame) -> dict[str, Any]:
-    """CLIP score of the top-1 against a random candidate, and per (color, shape) split the attribute
-    accuracy of both (only where ground truth exists)."""
-    per_prompt = results.drop_duplicates("key")
-    metrics: dict[str, Any] = {
-        "num_prompts": int(len(per_prompt)),
-        "status_counts": {k: int(v) for k, v in per_prompt["status"].value_counts().items()},
-    }
-    ok = results[results["status"] == "ok"]
-    top1, rand = ok[ok["rank"] == 0], ok[ok["random_pick"]]
-    metrics["clip_score"] = {
-        "top1_mean": float(top1["score"].mean()) if len(top1) else None,
-        "random_mean": float(rand["score"].mean()) if len(rand) else None,
-        "all_mean": float(ok["score"].mean()) if len(ok) else None,
-    }
-    accuracy: dict[str, Any] = {}
-    for split in ("seen", "heldout"):
-        for name, rows in (("top1", top1), ("random", rand)):
-            rows = rows[(rows["pair_split"] == split) & (rows["truth_color"] != "")]
-            if not len(rows):
-                continue
-            hits = {a: rows[f"pred_{a}"] == rows[f"truth_{a}"] for a in ATTRIBUTES}
-            entry = {a: float(h.mean()) for a, h in hits.items()}
-            entry["all"] = float(np.logical_and.reduce([h.to_numpy() for h in hits.values()]).mean())
-            entry["n"] = int(len(rows))
-            accuracy.setdefault(split, {})[name] = entry
-    metrics["attribute_accuracy"] = accuracy
-    return metrics
-
-
-# The demo's quality bar on the synthetic set: (what, where in metrics.json, minimum). A minimum given as a path
-# is another metric the value must exceed (reranking must beat a random candidate).
-QUALITY_BAR: tuple[tuple[str, str, float | str], ...] = (
-    ("top-1 colour, seen (color, shape) pairs", "attribute_accuracy.seen.top1.color", 0.90),
-    ("top-1 shape, seen (color, shape) pairs", "attribute_accuracy.seen.top1.shape", 0.75),
-    ("top-1 colour, held-out (color, shape) pairs", "attribute_accuracy.heldout.top1.color", 0.70),
-    ("reranking beats a random candidate (all four, seen)", "attribute_accuracy.seen.top1.all",
-     "attribute_accuracy.seen.random.all"),
-    ("dVAE keeps colour and shape (fresh pictures)", "vae_reconstruction.all.both", 0.98),
-)
-
-
-def _lookup(metrics: dict[str, Any], path: str) -> float | None:
-    value: Any = metrics
-    for part in path.split("."):
-        value = value.get(part) if isinstance(value, dict) else None
-    return value
-
-
-def quality_bar(metrics: dict[str, Any]) -> list[dict[str, Any]]:
-    """Each check of :data:`QUALITY_BAR` with its value, minimum and verdict; checks whose metrics are absent
-    (real-data prompts, no dVAE score) are left out."""
-    checks = []
-    for name, path, minimum in QUALITY_BAR:
-        value = _lookup(metrics, path)
-        bound = _lookup(metrics, minimum) if isinstance(minimum, str) else minimum
-        if value is not None and bound is not None:
-            checks.append({"check": name, "value": value, "minimum": bound,
-                           "strict": isinstance(minimum, str),
-                           "passed": value > bound if isinstance(minimum, str) else value >= bound})
-    return checks
-
-
-def describe_check(check: dict[str, Any]) -> tuple[str, str]:
-    """A quality-bar check's bar (``>= 90.0%``, or ``> 77.6%`` against another metric) and verdict."""
-    return f"{'>' if check['strict'] else '>='} {check['minimum']:.1%}", "pass" if check["passed"] else "MISSED"
-
-
-def format_metrics(metrics: dict[str, Any]) -> str:
-    """metrics.json as plain-text tables: attribute accuracy, CLIP scores, dVAE reconstruction, quality bar
-    (what the demo prints last)."""
-    clip = metrics["clip_score"]
-    lines = [f"prompts {metrics['num_prompts']} {json.dumps(metrics['status_counts'])}; mean CLIP score top-1 "
-             f"{_fmt(clip['top1_mean'])}, random candidate {_fmt(clip['random_mean'])}"]
-    accuracy = metrics.get("attribute_accuracy", {})
-    if accuracy:
-        lines += ["", f"{'pairs':<8} {'pick':<7}" + "".join(f"{a:>9}" for a in (*ATTRIBUTES, "all")) + f"{'n':>5}"]
-        for split, picks in accuracy.items():
-            for pick, entry in picks.items():
-                lines.append(f"{split:<8} {pick:<7}" + "".join(f"{entry[a]:>9.1%}" for a in (*ATTRIBUTES, "all"))
-                             + f"{entry['n']:>5}")
-    if "vae_reconstruction" in metrics:
-        lines += ["", f"{'dVAE decode(encode(x))':<23}{'color':>9}{'shape':>9}{'both':>9}{'n':>6}"]
-        lines += [f"{split + ' pairs':<23}{e['color']:>9.1%}{e['shape']:>9.1%}{e['both']:>9.1%}{e['n']:>6}"
-                  for split, e in metrics["vae_reconstruction"].items()]
-    if metrics.get("quality_bar"):
-        lines += ["", f"{'quality bar':<54} {'value':>7} {'bar':>9}  verdict"]
-        for c in metrics["quality_bar"]:
-            bar, verdict = describe_check(c)
-            lines.append(f"{c['check']:<54} {c['value']:>7.1%} {bar:>9}  {verdict}")
-    return "\n".join(lines)
-
-
-def _nullable(results: pd.DataFrame) -> pd.DataFrame:
-    """Sentinels used while rows travel through Ray Data (-1, "", NaN) become real nulls on disk."""
-    out = results.copy()
-    for col in ("candidate", "rank", "seed"):
-        out[col] = out[col].astype("Int64").mask(out[col] < 0)
-    for col in ["image_path", "detail", "pair_split", *[f"{p}_{a}" for p in ("truth", "pred") for a in ATTRIBUTES]]:
-        out[col] = out[col].mask(out[col] == "")
-    return out
-
-
-def _read_png(url: str) -> np.ndarray:
-    with fsspec.open(url, "rb") as f:
-        return np.asarray(Image.open(f).convert("RGB"))
-
-
-def write_report(output: str, results: pd.DataFrame, metrics: dict[str, Any], grid_rows: int) -> None:
-    """grid.png (prompts as rows, best first) and report.html around it with scores and metrics."""
-    out = output.rstrip("/")
-    ok = results[(results["status"] == "ok") & (results["image_path"] != "")].sort_values(["key", "rank"])
-    keys = list(dict.fromkeys(ok["key"]))[:grid_rows]
-    rows = [[_read_png(f"{out}/{p}") for p in ok[ok["key"] == k]["image_path"]] for k in keys]
-    if rows:
-        scale = max(1, 64 // rows[0][0].shape[0])
-        with fsspec.open(f"{out}/grid.png", "wb") as f:
-            f.write(png_bytes(make_grid(rows, scale=scale)))
-    table = []
-    for _key, group in results.sort_values(["key", "rank"]).groupby("key", sort=True):
-        first = group.iloc[0]
-        if first["status"] != "ok":
-            table.append(f"<tr class='bad'><td>{html.escape(first['prompt']) or '<i>(empty)</i>'}</td>"
-                         f"<td colspan=2><b>{html.escape(first['status'])}</b>: {html.escape(first['detail'])}"
-                         "</td></tr>")
-            continue
-        shown = group[group["image_path"] != ""]
-        cells = "".join(f"<figure><img src='{html.escape(p)}'><figcaption>{s:.3f}</figcaption></figure>"
-                        for p, s in zip(shown["image_path"], shown["score"], strict=True))
-        scores = ", ".join(f"{s:.3f}" for s in group["score"])
-        table.append(f"<tr><td>{html.escape(first['prompt'])}</td><td class='imgs'>{cells}</td>"
-                     f"<td class='scores'>{scores}</td></tr>")
-    bar = "".join(f"<tr class='{'' if c['passed'] else 'bad'}'><td>{html.escape(c['check'])}</td>"
-                  f"<td>{c['value']:.1%}</td>" + "".join(f"<td>{html.escape(t)}</td>" for t in describe_check(c))
-                  + "</tr>" for c in metrics.get("quality_bar", []))
-    page = f"""<!doctype html><html><head><meta charset="utf-8"><title>DALL-E evaluation</title><style>
-body{{font-family:sans-serif;margin:24px;color:#222}} table{{border-collapse:collapse}}
-td,th{{border-bottom:1px solid #ddd;padding:6px 10px;vertical-align:middle;text-align:left}}
-img{{image-rendering:pixelated;width:64px;height:64px}} figure{{display:inline-block;margin:0 6px 0 0}}
-figcaption{{font-size:11px;text-align:center}} .scores{{font-size:11px;color:#666;max-width:260px}}
-tr.bad td{{color:#a00}} pre{{background:#f6f6f6;padding:12px;font-size:12px}} .grid{{image-rendering:pixelated}}
-</style></head><body>
-<h1>DALL-E evaluation</h1>
-<p>{metrics['num_prompts']} prompts, status: {html.escape(json.dumps(metrics['status_counts']))};
-mean CLIP score top-1 {_fmt(metrics['clip_score']['top1_mean'])} vs random candidate
-{_fmt(metrics['clip_score']['random_mean'])}.</p>
-{"<h2>Quality bar</h2><table><tr><th>check</th><th>value</th><th>bar</th><th>verdict</th></tr>" + bar + "</table>"
- if bar else ""}
-<h2>Grid (prompts as rows, best candidate first)</h2>
-{"<img class='grid' src='grid.png' style='width:auto;height:auto'>" if rows else "<p>no accepted prompts</p>"}
-<h2>Per prompt (top candidates with CLIP score; all scores, best first)</h2>
-<table><tr><th>prompt</th><th>top candidates</th><th>all scores</th></tr>{''.join(table)}</table>
-<h2>Metrics</h2><pre>{html.escape(json.dumps(metrics, indent=2))}</pre></body></html>"""
-    with fsspec.open(f"{out}/report.html", "w", encoding="utf-8") as f:
-        f.write(page)
-
-
-def _fmt(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}"
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The job
 
 
@@ -368,19 +194,27 @@ def stream_prompts(prompts: list[dict[str, Any]], client: type, kwargs: dict[str
     return results.sort_values(["key", "rank"], kind="stable").reset_index(drop=True)
 
 
+def _nullable(results: pd.DataFrame) -> pd.DataFrame:
+    """Sentinels used while rows travel through Ray Data (-1, "", NaN) become real nulls on disk."""
+    out = results.copy()
+    for col in ("candidate", "rank", "seed"):
+        out[col] = out[col].astype("Int64").mask(out[col] < 0)
+    for col in ["image_path", "detail", "pair_split", *[f"{p}_{a}" for p in ("truth", "pred") for a in ATTRIBUTES]]:
+        out[col] = out[col].mask(out[col] == "")
+    return out
+
+
 def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.DataFrame,
                   timing: dict[str, float]) -> dict[str, Any]:
     """results.parquet, metrics.json, grid.png and report.html; returns the metrics."""
     out = output.rstrip("/")
     metrics = compute_metrics(results)
     if config.evaluate.prompt_source == "synthetic":
-        metrics["vae_reconstruction"] = synthetic.dvae_reconstruction(paths.vae, config.synthetic)
+        metrics["vae_reconstruction"] = checker.dvae_reconstruction(load_model(paths.vae), config.synthetic)
         metrics["quality_bar"] = quality_bar(metrics)
     metrics.update(sampling=asdict(config.sampling), models=asdict(paths), output=out, **timing)
-    with fsspec.open(f"{out}/results.parquet", "wb") as f:
-        _nullable(results).to_parquet(f, index=False)
-    with fsspec.open(f"{out}/metrics.json", "w") as f:
-        json.dump(metrics, f, indent=2)
+    storage.write_parquet(pa.Table.from_pandas(_nullable(results), preserve_index=False), f"{out}/results.parquet")
+    storage.write_json(f"{out}/metrics.json", metrics)
     write_report(out, results, metrics, config.evaluate.grid_max_prompts)
     return metrics
 

@@ -1,0 +1,375 @@
+"""The one training runner: every model (dVAE, DALLE, CLIP) trains through it on Ray Train.
+
+In the style of torchtitan's components, the runner owns what every training job shares, driven by one
+:class:`~pipelines.config.TrainerConfig` section:
+
+* building the ``TorchTrainer`` (workers, resources, placement, storage, failure retries, checkpoints kept);
+* on each worker, the epoch/step loop over its dataset shard, with exact mid-epoch resume (step, epoch, batches
+  already consumed, each rank's RNG), the interval metrics (summed on the device, all-reduced at log steps,
+  written by rank 0 as JSONL + TensorBoard), the checkpoint cadence and ``ray.train.report``;
+* after the run, publishing the last checkpoint's ``model.pt`` to the path the config names.
+
+A model supplies only a :class:`Task`: its step, its state to save and load, and its metrics. The runner never
+looks inside a batch or a model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass
+from typing import Any, Protocol
+
+import numpy as np
+import ray
+import ray.train
+import ray.train.torch
+import torch
+from fsspec.implementations.local import LocalFileSystem
+from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from dalle_core.checkpoint import load_model, save_model
+from dalle_core.train_utils import make_optimizer, make_scheduler, resolve_precision
+from pipelines import artifacts, storage
+from pipelines.config import Config, TrainerConfig
+from pipelines.resources import worker_resources
+
+PROGRESS_FILE = "progress.json"
+OPTIMIZER_FILE = "optimizer.pt"  # optimiser + LR schedule of the trainers without DeepSpeed
+FAIL_ENV = "DALLE_TRAIN_FAIL_AT"  # test hook "STEP:RANK:MARKER": that rank's process dies once at STEP
+
+
+@dataclass
+class Progress:
+    """Where a run is: optimiser steps taken, the data epoch, and batches of that epoch already trained on."""
+
+    step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+
+
+@dataclass
+class WorkerContext:
+    """What a task needs to know about the worker it runs on."""
+
+    rank: int
+    world: int
+    device: torch.device
+    precision: str  # resolved: fp32, bf16 or fp16
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        """bf16 autocast for trainers without DeepSpeed (weights and optimiser stay fp32)."""
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
+
+
+class Task(Protocol):
+    """What one model supplies to the runner; built once per worker, after ``torch.manual_seed(seed)`` so every
+    rank starts from the same weights."""
+
+    name: str  # prefix of its log lines
+    log_keys: tuple[str, ...]  # record fields printed at each log step
+
+    def describe(self) -> str:
+        """One line for the start of the run (sizes, parallelism)."""
+
+    def load(self, folder: str, rank: int, progress: Progress) -> None:
+        """Restores the state :meth:`save` wrote (every rank reads the merged checkpoint folder)."""
+
+    def train_step(self, batch: dict[str, np.ndarray], progress: Progress) -> tuple[dict[str, torch.Tensor], bool]:
+        """One micro-batch. Returns scalar sums to add to the interval metrics, kept on the device (no sync per
+        step), and whether an optimiser step completed (False while accumulating gradients)."""
+
+    def after_step(self, progress: Progress) -> None:
+        """Anything due after an optimiser step (sample pictures); the runner checkpoints after it."""
+
+    def interval_record(self, sums: dict[str, float], steps: int, seconds: float) -> dict[str, Any]:
+        """The metrics of one log interval from the sums of every rank (``sums["batches"]`` counts micro-batches
+        of all ranks) and the optimiser steps and seconds it took; called on every rank."""
+
+    def save(self, folder: str, rank: int, progress: Progress, final: bool) -> dict[str, Any]:
+        """Writes this rank's state into ``folder`` (rank 0 writes ``model.pt``); returns extra report metrics.
+        Called on every rank at once, so it may run collectives."""
+
+
+TaskBuilder = Callable[..., Task]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Driver side
+
+
+def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilder, *, dataset: ray.data.Dataset,
+                  storage_path: str, run_name: str, task_kwargs: dict[str, Any] | None = None,
+                  job_start: float | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run of ``build_task`` over ``dataset``; rerunning with the same ``storage_path``
+    and ``run_name`` resumes from the run's latest checkpoint."""
+    ray.data.DataContext.get_current().enable_progress_bars = False  # the runner prints its own progress
+    if section.materialize:  # otherwise every epoch re-reads (and re-decodes) the input: seconds per epoch
+        dataset = dataset.materialize()
+    store_fs, store_path = storage.arrow_filesystem(storage_path)
+    loop_config = {
+        "config": config, "section": section, "build_task": build_task, "task_kwargs": task_kwargs or {},
+        "run_dir": artifacts.run_dir(storage_path, run_name), "job_start": job_start or time.time(),
+        "fail_at": os.environ.get(FAIL_ENV, ""),
+    }
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop_config,
+        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
+                                     resources_per_worker=worker_resources(section),
+                                     placement_strategy=section.placement_strategy),
+        run_config=RunConfig(
+            name=run_name,
+            storage_path=store_path if store_fs else os.path.abspath(store_path),
+            storage_filesystem=store_fs,
+            checkpoint_config=CheckpointConfig(num_to_keep=section.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=section.max_failures),
+        ),
+        datasets={"train": dataset},
+        # preserve_order keeps each worker's slice of the stream the same on every run, which is what lets a
+        # resumed run skip exactly the batches it already trained on.
+        dataset_config=DataConfig(execution_options=ray.data.ExecutionOptions(preserve_order=True)),
+    )
+
+
+def fit_and_publish(trainer: TorchTrainer, destination: str) -> Result:
+    """Runs the trainer to the end and publishes its last checkpoint's ``model.pt`` to ``destination``."""
+    result = trainer.fit()
+    with result.checkpoint.as_directory() as folder:
+        artifacts.publish(folder, destination)
+    return result
+
+
+def read_checkpoint_json(result: Result, name: str) -> dict[str, Any]:
+    """A JSON file a task wrote into the run's last checkpoint."""
+    with result.checkpoint.as_directory() as folder, open(os.path.join(folder, name)) as f:
+        return json.load(f)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Worker side
+
+
+class MetricsWriter:
+    """JSONL + TensorBoard under ``run_dir`` (rank 0). Remote run dirs are staged locally and uploaded at
+    every checkpoint, since appending to an object store is not possible."""
+
+    def __init__(self, run_dir: str, prefix: str) -> None:
+        self.fs, self.remote = storage.filesystem(run_dir)
+        self.prefix = prefix
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.local = self.remote if self.is_local else tempfile.mkdtemp(prefix="dalle-metrics-")
+        os.makedirs(self.local, exist_ok=True)
+        jsonl = f"{self.remote}/metrics.jsonl"
+        if not self.is_local and self.fs.exists(jsonl):  # resumed run: keep the history
+            self.fs.get(jsonl, f"{self.local}/metrics.jsonl")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.tb = SummaryWriter(f"{self.local}/tensorboard")
+        self.jsonl = open(f"{self.local}/metrics.jsonl", "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self.jsonl.write(json.dumps(record) + "\n")
+        self.jsonl.flush()
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step":
+                self.tb.add_scalar(f"{self.prefix}/{key}", value, record["step"])
+
+    def sync(self) -> None:
+        self.tb.flush()
+        if not self.is_local:
+            self.fs.put(f"{self.local}/", self.remote, recursive=True)
+
+    def close(self) -> None:
+        self.sync()
+        self.tb.close()
+        self.jsonl.close()
+
+
+class IntervalSums:
+    """Per-interval metric sums on the device: added every micro-batch, all-reduced only at log steps."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.keys, self.sums = device, None, None
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        if self.keys is None:
+            self.keys = [*values, "batches"]
+            self.sums = torch.zeros(len(self.keys), dtype=torch.float64, device=self.device)
+        row = [torch.as_tensor(values[k], device=self.device).detach().double().reshape(()) for k in self.keys[:-1]]
+        self.sums += torch.stack([*row, torch.ones((), dtype=torch.float64, device=self.device)])
+
+    def reduce(self) -> dict[str, float]:
+        """Sums over every rank (collective); resets the interval."""
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.sums)
+        totals = dict(zip(self.keys, self.sums.tolist(), strict=True))
+        self.sums.zero_()
+        return totals
+
+
+def epoch_batches(shard: Any, section: TrainerConfig, progress: Progress, rank: int) -> Iterator[dict[str, np.ndarray]]:
+    """Batches of this worker's shard, epoch after epoch, skipping the ones a resumed run already trained on;
+    keeps ``progress.epoch`` and ``progress.batches_in_epoch`` up to date."""
+    skip = progress.batches_in_epoch
+    while True:
+        consumed = False
+        shuffle = section.shuffle_buffer or None
+        for batch in shard.iter_batches(batch_size=section.batch_size, batch_format="numpy", drop_last=True,
+                                        local_shuffle_buffer_size=shuffle,
+                                        local_shuffle_seed=section.seed + progress.epoch if shuffle else None):
+            consumed = True
+            if skip > 0:  # resumed mid-epoch: these samples are already in the weights
+                skip -= 1
+                continue
+            progress.batches_in_epoch += 1
+            yield batch
+        if not consumed:
+            raise RuntimeError(f"rank {rank}: the dataset shard is empty; need at least batch_size="
+                               f"{section.batch_size} rows per worker")
+        progress.epoch, progress.batches_in_epoch = progress.epoch + 1, 0
+
+
+class DDPTask:
+    """Base of the tasks trained with plain torch DDP and AdamW (the dVAE, CLIP): the model, its optimiser and
+    LR schedule, their state in a checkpoint, and the optimiser step. ``module`` is what is saved; ``wrapped``
+    (``module`` itself, or a wrapper routing the loss through ``forward``) is what DDP runs."""
+
+    def __init__(self, module: torch.nn.Module, wrapped: torch.nn.Module, section: TrainerConfig,
+                 worker: WorkerContext) -> None:
+        self.module, self.section, self.worker = module, section, worker
+        self.ddp = ray.train.torch.prepare_model(wrapped)  # DDP when world > 1; moved to the worker's device
+        self.optimizer = make_optimizer(self.ddp, section.optim)
+        self.scheduler = make_scheduler(self.optimizer, section.optim, section.max_steps)
+
+    def describe(self) -> str:
+        return f"params={sum(p.numel() for p in self.module.parameters())}"
+
+    def load(self, folder: str, rank: int, progress: Progress) -> None:
+        self.module.load_state_dict(load_model(os.path.join(folder, artifacts.MODEL_FILE)).state_dict())
+        state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.section.optim.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.ddp.parameters(), self.section.optim.grad_clip)
+        self.optimizer.step()
+        self.scheduler.step()
+
+    def after_step(self, progress: Progress) -> None:
+        pass
+
+    def save_state(self, folder: str, extra: dict[str, Any]) -> None:
+        """The self-describing model (``extra`` beside its weights) and the optimiser and LR schedule state, as
+        plain tensors and numbers (read back with ``weights_only=True``). Rank 0 calls it: DDP keeps every rank's
+        copy identical."""
+        save_model(self.module, os.path.join(folder, artifacts.MODEL_FILE), extra=extra)
+        torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
+                   os.path.join(folder, OPTIMIZER_FILE))
+
+
+def _fail_hook(spec: str, step: int, rank: int) -> None:
+    """Test hook: this worker process dies once at ``step`` (the marker file lets the retried attempt live)."""
+    if not spec:
+        return
+    at_step, at_rank, marker = spec.split(":", 2)
+    if step == int(at_step) and rank == int(at_rank) and not os.path.exists(marker):
+        open(marker, "w").close()
+        # A real crash rarely lands within one controller poll of the last checkpoint; without this pause the
+        # dying rank's queued checkpoint report is lost with it and the run would resume from an older one.
+        time.sleep(3.0)
+        print(f"rank {rank}: simulated crash at step {step}", flush=True)
+        os._exit(1)
+
+
+def _load(checkpoint: Checkpoint, task: Task, rank: int) -> Progress:
+    with checkpoint.as_directory() as folder:
+        with open(os.path.join(folder, PROGRESS_FILE)) as f:
+            progress = Progress(**json.load(f))
+        task.load(folder, rank, progress)
+        rng = os.path.join(folder, "rng", f"rank_{rank}.pt")
+        if os.path.exists(rng):  # absent when resuming with more workers than saved
+            torch.set_rng_state(torch.load(rng, weights_only=True))
+    return progress
+
+
+def _save(task: Task, progress: Progress, writer: MetricsWriter | None, rank: int, final: bool) -> None:
+    """Every rank writes its part into its own folder; Ray Train merges them into one checkpoint."""
+    folder = tempfile.mkdtemp(prefix=f"{task.name}-ckpt-{rank}-")
+    try:
+        os.makedirs(os.path.join(folder, "rng"))
+        torch.save(torch.get_rng_state(), os.path.join(folder, "rng", f"rank_{rank}.pt"))
+        metrics = task.save(folder, rank, progress, final)
+        if rank == 0:
+            with open(os.path.join(folder, PROGRESS_FILE), "w") as f:
+                json.dump(asdict(progress), f)
+            if writer is not None:
+                writer.sync()
+        ray.train.report({**asdict(progress), **metrics}, checkpoint=Checkpoint.from_directory(folder),
+                         checkpoint_dir_name=artifacts.checkpoint_name(progress.step))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _format(record: dict[str, Any], keys: tuple[str, ...]) -> str:
+    return " ".join(f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys
+                    if k in record)
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """One Ray Train worker: builds the task, resumes it, and runs the step loop to ``max_steps``."""
+    section: TrainerConfig = loop_config["section"]
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
+    worker = WorkerContext(rank, world, device, resolve_precision(section.precision, device))
+    torch.manual_seed(section.seed)
+    task = loop_config["build_task"](loop_config["config"], worker, **loop_config["task_kwargs"])
+    torch.manual_seed(section.seed + 1 + rank)  # same weights everywhere, but each rank its own noise and dropout
+    checkpoint = ray.train.get_checkpoint()
+    progress = _load(checkpoint, task, rank) if checkpoint is not None else Progress()
+    start_step = progress.step
+    writer = MetricsWriter(loop_config["run_dir"], task.name) if rank == 0 else None
+    if rank == 0:
+        print(f"[{task.name}] world={world} precision={worker.precision} start_step={start_step} "
+              f"epoch={progress.epoch} {task.describe()}", flush=True)
+
+    sums = IntervalSums(device)
+    interval_start, interval_steps, first_step_after = time.perf_counter(), 0, None
+    shard = ray.train.get_dataset_shard("train")
+    batches = epoch_batches(shard, section, progress, rank)
+    while progress.step < section.max_steps:
+        values, stepped = task.train_step(next(batches), progress)
+        sums.add(values)
+        if not stepped:
+            continue
+        progress.step, interval_steps = progress.step + 1, interval_steps + 1
+        _fail_hook(loop_config["fail_at"], progress.step, rank)
+        if first_step_after is None:  # throughput excludes start-up (data pipeline, first-call overheads)
+            first_step_after = time.time() - loop_config["job_start"]
+            interval_start, interval_steps = time.perf_counter(), 0
+        final = progress.step >= section.max_steps
+        if progress.step % section.log_every == 0 or final:
+            totals = sums.reduce()
+            record = {"step": progress.step, "epoch": progress.epoch, "start_step": start_step,
+                      **task.interval_record(totals, interval_steps, time.perf_counter() - interval_start),
+                      "first_step_after_s": first_step_after}
+            if writer is not None:
+                writer.write(record)
+                print(f"[{task.name}] step {progress.step}/{section.max_steps} {_format(record, task.log_keys)}",
+                      flush=True)
+            interval_start, interval_steps = time.perf_counter(), 0
+        task.after_step(progress)
+        if progress.step % section.checkpoint_every == 0 or final:
+            _save(task, progress, writer, rank, final)
+    if writer is not None:
+        writer.close()
