@@ -18,20 +18,18 @@ import os
 import sys
 import tempfile
 import time
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import numpy as np
+import ray
+import torch
 
-import numpy as np  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
-
-from dalle_core.checkpoint import save_model  # noqa: E402
-from dalle_core.tokenizer import BPETokenizer  # noqa: E402
-from dalle_core.vae import DiscreteVAE  # noqa: E402
-from pipelines.config import Config  # noqa: E402
-from pipelines.data.pretokenize import load_picture, run_pretokenize  # noqa: E402
-from pipelines.data.synthetic import iter_samples, write_synthetic  # noqa: E402
+from dalle_core.checkpoint import save_model
+from dalle_core.tokenizer import BPETokenizer
+from dalle_core.vae import DiscreteVAE
+from pipelines.config import Config
+from pipelines.data.images import load_picture
+from pipelines.data.pretokenize import run_pretokenize
+from pipelines.data.synthetic import iter_samples, write_synthetic
 
 
 def encoder_rate(vae: DiscreteVAE, pictures: np.ndarray, batch_size: int) -> float:

@@ -14,31 +14,29 @@ import argparse
 import dataclasses
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 
-import numpy as np  # noqa: E402
-import pyarrow as pa  # noqa: E402
-import ray  # noqa: E402
-import torch  # noqa: E402
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
 
-from dalle_core.dalle import DALLE  # noqa: E402
-from dalle_core.train_utils import (  # noqa: E402
+from dalle_core.dalle import DALLE
+from dalle_core.train_utils import (
     collate_tokens,
     make_optimizer,
     make_scheduler,
     measure_peak_flops,
     mfu,
 )
-from pipelines import storage  # noqa: E402
-from pipelines.config import Config  # noqa: E402
-from pipelines.data.manifest import SCHEMA_VERSION, token_schema  # noqa: E402
-from pipelines.train.dalle import build_trainer  # noqa: E402
+from pipelines import storage
+from pipelines.config import Config
+from pipelines.data.manifest import SCHEMA_VERSION, token_schema
+from pipelines.train.dalle import build_dalle_trainer
 
 
 def write_random_shards(folder: str, config: Config, rows: int) -> dict:
@@ -93,8 +91,8 @@ def ray_run(config: Config, manifest: dict, shards: str, storage_path: str, work
     cfg = dataclasses.replace(config, train=train)
     name = f"w{workers}-z{zero}"
     start = time.time()
-    result = build_trainer(cfg, manifest, shards_dir=shards, storage_path=storage_path, run_name=name,
-                           job_start=start).fit()
+    result = build_dalle_trainer(cfg, manifest, shards_dir=shards, storage_path=storage_path, run_name=name,
+                                 job_start=start).fit()
     records = [json.loads(line) for line in Path(storage_path, name, "metrics.jsonl").read_text().splitlines()]
     tokens = float(np.mean([r["tokens_per_s"] for r in records]))
     return {"workers": workers, "zero_stage": zero, "tokens_per_s": round(tokens, 1),

@@ -21,7 +21,7 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> Tensor:
     """uint8 ``[..., H, W, C]`` -> float ``[..., C, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.ascontiguousarray(images)).movedim(-1, -3).float() / 255
+    return torch.from_numpy(np.require(images, requirements=["C", "W"])).movedim(-1, -3).float() / 255
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -218,7 +218,7 @@ def _plan_train(cfg: Config) -> dict[str, Any]:
         "sequences_per_step": sequences,
         "tokens_per_step": sequences * sizes["seq_len"],
     }
-    plan["model"] = {"params": sizes["params"], "seq_len": sizes["seq_len"], "flops_per_token": sizes["flops_per_token"]}
+    plan["model"] = {key: sizes[key] for key in ("params", "seq_len", "flops_per_token")}
     plan["memory_per_worker"] = train_memory_per_worker(cfg, sizes)
     if train.peak_flops_per_worker > 0:
         ceiling = train.peak_flops_per_worker / sizes["flops_per_token"]

@@ -20,7 +20,7 @@ TOY = {
     "dalle": {"dim": 32, "depth": 1, "heads": 2, "dim_head": 16},
     "clip": {"patch_size": 8, "dim_text": 32, "dim_image": 32, "dim_latent": 32, "text_depth": 1, "image_depth": 1},
     "train_vae": {"batch_size": 16, "max_steps": 6, "log_every": 3, "sample_every": 6, "checkpoint_every": 6,
-                  "precision": "bf16", "materialize": True},
+                  "precision": "auto", "materialize": True},
     "train": {"num_workers": 1, "zero_stage": 1, "batch_size": 16, "max_steps": 4, "checkpoint_every": 4,
               "log_every": 2, "materialize": True},
     "train_clip": {"batch_size": 16, "max_steps": 4, "log_every": 2},

@@ -6,7 +6,9 @@ computes) and keep secrets out of them."""
 from __future__ import annotations
 
 import copy
+import importlib.util
 import json
+import math
 import re
 import shlex
 import subprocess
@@ -21,14 +23,23 @@ from packaging.requirements import Requirement
 
 from dalle_core.config import DALLEConfig
 from dalle_core.dalle import DALLE
-from pipelines.config import Config
-from pipelines.resources import ACTIVATION_ELEMENTS_PER_DIM, plan_resources
+from dalle_core.vae import DiscreteVAE
+from pipelines.config import Config, TrainCLIPConfig, TrainConfig, TrainVAEConfig
+from pipelines.resources import (
+    ACTIVATION_ELEMENTS_PER_DIM,
+    JOBS,
+    deployment_actor_options,
+    encoder_actor_options,
+    plan_resources,
+    worker_resources,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 IMAGE_ROOT = "/app"  # WORKDIR of infra/Dockerfile: where the repo lives inside the image
 YAML_FILES = sorted([*ROOT.glob("infra/**/*.yaml"), *ROOT.glob("configs/*.yaml")])
 MANIFESTS = sorted(ROOT.glob("infra/kuberay/*.yaml"))
-CLUSTER_JOBS = ("pretokenize", "train", "evaluate")
+CLUSTER_JOBS = ("train_vae", "pretokenize", "train", "train_clip", "evaluate")
+PRESETS = sorted(ROOT.glob("configs/*.yaml"))
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 LITERAL_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}",
                          re.IGNORECASE)
@@ -129,13 +140,27 @@ def entrypoint_job_and_config(entrypoint: str) -> tuple[str, str]:
     return tuple(str(Path(p).relative_to(IMAGE_ROOT)) if p.startswith(IMAGE_ROOT) else p for p in (script, config))
 
 
-def gpu_capacity(cluster_spec: dict[str, Any]) -> int:
-    """GPUs the worker groups bring at their configured replica count."""
+def gpu_capacity(cluster_spec: dict[str, Any], count: str = "replicas") -> int:
+    """GPUs the worker groups bring at their configured replica count (``count="maxReplicas"``: scaled out)."""
     total = 0
     for group in cluster_spec["workerGroupSpecs"]:
         for container in group["template"]["spec"]["containers"]:
-            total += group["replicas"] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
+            total += group[count] * int(container["resources"]["limits"].get("nvidia.com/gpu", 0))
     return total
+
+
+def cpu_capacity(cluster_spec: dict[str, Any], count: str = "replicas") -> float:
+    """CPUs the worker groups bring (the head schedules nothing)."""
+    return sum(g[count] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
+               for g in cluster_spec["workerGroupSpecs"])
+
+
+def dry_run_main() -> Any:
+    """``jobs/dry_run.py``'s ``main``, loaded in this process (a subprocess costs a torch import)."""
+    spec = importlib.util.spec_from_file_location("dry_run", ROOT / "jobs/dry_run.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.main
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -283,6 +308,9 @@ def test_dry_run_prints_the_resources_each_cluster_job_asks_for(dry_runs: dict[s
     assert pre["total"]["GPU"] == 8 and pre["encode_actors"]["actors_per_gpu"] == 2
     assert ev["total"]["GPU"] == 16 and ev["generator"]["resources_per_replica"]["GPU"] == 1
     assert ev["generator_memory_gib"]["total"] < 80
+    vae, clip = dry_runs["train_vae"], dry_runs["train_clip"]
+    assert vae["total"]["GPU"] == 16 and vae["resources_per_worker"]["GPU"] == 1 and vae["global_batch"] == 512
+    assert clip["total"]["GPU"] == 16 and clip["resources_per_worker"]["GPU"] == 1 and clip["global_batch"] == 4096
 
 
 def test_each_rayjob_cluster_holds_what_its_job_plans_to_ask_for(dry_runs: dict[str, dict[str, Any]]) -> None:
@@ -294,9 +322,17 @@ def test_each_rayjob_cluster_holds_what_its_job_plans_to_ask_for(dry_runs: dict[
         cluster = doc["spec"]["rayClusterSpec"]
         needed = dry_runs[Path(script).stem]["total"]
         assert gpu_capacity(cluster) == needed["GPU"], f"{path}: GPUs idle or missing"
-        cpus = sum(g["replicas"] * float(g["template"]["spec"]["containers"][0]["resources"]["limits"]["cpu"])
-                   for g in cluster["workerGroupSpecs"])
-        assert cpus >= needed["CPU"], path
+        assert cpu_capacity(cluster) >= needed["CPU"], path
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_the_long_lived_raycluster_scales_to_every_job_of_the_cluster_presets(name: str) -> None:
+    cluster = next(doc for _, doc in manifests() if doc["kind"] == "RayCluster")["spec"]
+    gpus, cpus = gpu_capacity(cluster, "maxReplicas"), cpu_capacity(cluster, "maxReplicas")
+    cfg = Config.load(ROOT / f"configs/{name}.yaml")
+    for job in JOBS:
+        total = plan_resources(job, cfg)["total"]
+        assert total["GPU"] <= gpus and total["CPU"] <= cpus, (job, total)
 
 
 def test_dry_run_rejects_a_bad_config_with_a_clear_message(tmp_path: Path) -> None:
@@ -305,6 +341,129 @@ def test_dry_run_rejects_a_bad_config_with_a_clear_message(tmp_path: Path) -> No
     proc = subprocess.run([sys.executable, "jobs/dry_run.py", "--job", "train", "--config", str(bad)], cwd=ROOT,
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "train.zero_stage" in proc.stderr
+
+
+@pytest.mark.parametrize("content", [None, "train: [1\n", b"\xff\xfe\x00"], ids=["missing", "not-yaml", "binary"])
+def test_dry_run_rejects_a_missing_or_non_yaml_file_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                                 content: str | bytes | None) -> None:
+    path = tmp_path / "config.yaml"
+    if isinstance(content, str):
+        path.write_text(content)
+    elif content is not None:
+        path.write_bytes(content)
+    assert dry_run_main()(["--job", "train", "--config", str(path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and captured.err.startswith(f"dry_run: {path}: ") and captured.err.count("\n") == 1
+
+
+def test_dry_run_offers_every_job(capsys: pytest.CaptureFixture[str]) -> None:
+    assert JOBS == ("make_synthetic", "ingest", "train_tokenizer", "train_vae", "pretokenize", "train", "train_clip",
+                    "evaluate")
+    assert dry_run_main()(["--job", "make_synthetic"]) == 0
+    assert json.loads(capsys.readouterr().out)["job"] == "make_synthetic"
+    with pytest.raises(SystemExit):
+        dry_run_main()(["--job", "nope"])
+    with pytest.raises(ValueError, match="unknown job"):
+        plan_resources("nope", Config.load())
+
+
+@pytest.mark.parametrize("path", PRESETS, ids=lambda p: p.name)
+def test_every_job_plans_under_every_preset(path: Path) -> None:
+    cfg = Config.load(path)
+    for job in JOBS:
+        plan = plan_resources(job, cfg)
+        assert plan["job"] == job and isinstance(plan["ray"], str), job
+        assert {"CPU", "GPU"} <= set(plan["total"]) and min(plan["total"].values()) >= 0, (job, plan["total"])
+        assert json.loads(json.dumps(plan)) == plan, f"{job}: plan is not JSON-ready"
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_every_trainer_of_the_cluster_presets_runs_on_gpus_and_survives_failures(name: str) -> None:
+    cfg = Config.load(ROOT / f"configs/{name}.yaml")
+    for job in ("train_vae", "train", "train_clip"):
+        plan = plan_resources(job, cfg)
+        section = getattr(cfg, job)
+        assert plan["resources_per_worker"] == worker_resources(section), job
+        assert plan["total"]["GPU"] == section.num_workers and plan["run"]["precision"] == "bf16", job
+        assert plan["run"]["max_failures"] >= 1 and plan["run"]["checkpoint_every"] < plan["run"]["max_steps"], job
+
+
+def test_dvae_plan_under_base_asks_for_gpus() -> None:
+    cfg = Config.load(ROOT / "configs/base.yaml")
+    plan = plan_resources("train_vae", cfg)
+    assert plan["resources_per_worker"] == {"CPU": 8, "GPU": 1} and plan["total"] == {"CPU": 64, "GPU": 8}
+    assert plan["global_batch"] == 512 and plan["pictures_per_run"] == 512 * cfg.train_vae.max_steps
+    with torch.device("meta"):
+        vae = DiscreteVAE(cfg.vae)
+    assert plan["model"]["params"] == sum(p.numel() for p in vae.parameters())
+    assert plan["model"]["encoder_params"] == sum(p.numel() for p in vae.encoder.parameters())
+
+
+@pytest.mark.parametrize("name", ["base", "large"])
+def test_yaml_comments_on_the_dvae_and_clip_state_what_the_code_computes(name: str) -> None:
+    text = (ROOT / f"configs/{name}.yaml").read_text()
+    cfg = Config.load(ROOT / f"configs/{name}.yaml")
+    vae, clip = plan_resources("train_vae", cfg), plan_resources("train_clip", cfg)
+    global_batch = re.search(r"# global batch: (\d+) pictures x (\d+) GPUs = ([\d,]+) pictures per step", text)
+    per, gpus, batch = global_batch.groups()
+    assert (int(per), int(gpus), int(batch.replace(",", ""))) == (
+        vae["run"]["batch_per_worker"], vae["total"]["GPU"], vae["global_batch"])
+    pictures = float(re.search(r"max_steps: \d+ +# ([\d.]+) M pictures", text).group(1))
+    assert pictures == pytest.approx(vae["pictures_per_run"] / 1e6, abs=0.05)
+    params, encoder = map(float, re.search(r"# ([\d.]+) M params \(([\d.]+) M in the encoder\)", text).groups())
+    assert (params, encoder) == pytest.approx((vae["model"]["params"] / 1e6, vae["model"]["encoder_params"] / 1e6),
+                                              abs=0.05)
+    gflops = float(re.search(r"encoder: ([\d.]+) GFLOPs per picture", text).group(1))
+    assert gflops == pytest.approx(vae["model"]["encoder_flops_per_image"] / 1e9, abs=0.05)
+    start, end, step = re.search(r"([\d.]+) -> ([\d.]+) by step ([\d,]+) \(exp\(-rate x step\)\)", text).groups()
+    assert (float(start), float(end)) == (cfg.vae.temperature, cfg.train_vae.temperature_min)
+    assert int(step.replace(",", "")) == pytest.approx(
+        math.log(cfg.vae.temperature / cfg.train_vae.temperature_min) / cfg.train_vae.anneal_rate, rel=0.01)
+    pairs = int(re.search(r"per GPU: (\d+) pairs per contrastive batch", text).group(1))
+    assert pairs == clip["global_batch"]
+
+
+@pytest.mark.parametrize("section_type", [TrainVAEConfig, TrainConfig, TrainCLIPConfig])
+def test_worker_resources_put_custom_resources_first(section_type: type) -> None:
+    section = section_type(num_workers=4, cpus_per_worker=6, use_gpu=True, resources_per_worker={"worker_node": 1.0})
+    assert list(worker_resources(section).items()) == [("worker_node", 1.0), ("CPU", 6), ("GPU", 1)]
+    assert worker_resources(section_type(cpus_per_worker=2)) == {"CPU": 2}
+    assert worker_resources(section_type(use_gpu=True, resources_per_worker={"GPU": 0.5}))["GPU"] == 0.5
+
+
+def test_plans_hold_the_custom_resources_the_trainers_ask_for() -> None:
+    cfg = Config.load(overrides={"train_clip.resources_per_worker": {"worker_node": 1}, "train_clip.num_workers": 3})
+    plan = plan_resources("train_clip", cfg)
+    assert plan["resources_per_worker"] == worker_resources(cfg.train_clip) == {"worker_node": 1, "CPU": 1}
+    assert plan["total"] == {"CPU": 3, "GPU": 0, "worker_node": 3}
+
+
+def test_actor_options_are_what_the_plans_show() -> None:
+    tiny, large = Config.load(), Config.load(ROOT / "configs/large.yaml")
+    assert encoder_actor_options(tiny.pretokenize)["num_gpus"] is None, "a CPU actor must ask for no GPU"
+    assert encoder_actor_options(large.pretokenize) == {"concurrency": 16, "num_cpus": 2, "num_gpus": 0.5}
+    actors = plan_resources("pretokenize", large)["encode_actors"]
+    assert actors["concurrency"] == 16 and actors["resources_per_actor"] == {"CPU": 2, "GPU": 0.5}
+    ev = large.evaluate
+    assert deployment_actor_options(ev.generator_num_cpus, ev.generator_num_gpus) == {"num_cpus": 8, "num_gpus": 1}
+    plan = plan_resources("evaluate", large)
+    assert plan["generator"]["resources_per_replica"] == {"CPU": 8, "GPU": 1}
+    assert plan["scorer"]["resources_per_replica"] == {"CPU": 4, "GPU": 0.5}
+
+
+def test_ingest_plan_follows_the_source() -> None:
+    urls = plan_resources("ingest", Config.load(overrides={"ingest.processes_count": 4, "ingest.thread_count": 32}))
+    assert urls["img2dataset"]["parallel_downloads"] == 128 and urls["total"] == {"CPU": 0, "GPU": 0}
+    for source in ("folder", "webdataset"):
+        plan = plan_resources("ingest", Config.load(overrides={"ingest.source": source}))
+        assert plan["shard_tasks"]["resources_per_task"] == {"CPU": 1}, source
+
+
+def test_resources_plans_without_ray_or_the_train_and_serve_wings() -> None:
+    code = ("import sys, pipelines.resources; print(sorted(m for m in sys.modules if m == 'ray' or "
+            "m.startswith(('ray.', 'pipelines.train', 'pipelines.serve'))))")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout.strip() == "[]", proc.stdout + proc.stderr[-2000:]
 
 
 def test_activation_constant_matches_what_autograd_saves() -> None:

@@ -18,8 +18,9 @@ from conftest import write_tiny_models
 from PIL import Image
 
 from pipelines.config import IngestConfig, PretokenizeConfig
+from pipelines.data.images import load_picture
 from pipelines.data.ingest import choose_caption, ingest_folder, ingest_url_list, ingest_webdataset
-from pipelines.data.pretokenize import load_picture, run_pretokenize
+from pipelines.data.pretokenize import run_pretokenize
 from pipelines.data.synthetic import make_sample
 
 RNG = np.random.default_rng(0)

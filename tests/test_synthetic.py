@@ -7,6 +7,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipelines.config import ConfigError, SyntheticConfig
+from pipelines.data.checker import check_picture, decode_jpeg, reconstruction_accuracy
 from pipelines.data.synthetic import (
     COLORS,
     POSITIONS,
@@ -14,12 +15,9 @@ from pipelines.data.synthetic import (
     SIZES,
     Attributes,
     caption_for,
-    check_picture,
-    decode_jpeg,
     holdout_examples,
     make_sample,
     parse_caption,
-    reconstruction_accuracy,
     render,
     sample_attributes,
     write_synthetic,

@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import torch
 
 from dalle_core.checkpoint import model_from_bytes
@@ -38,6 +37,7 @@ from pipelines.data import manifest as mf
 from pipelines.data.images import load_picture
 from pipelines.data.raw import SUCCESS, list_raw_shards
 from pipelines.data.shards import read_shards
+from pipelines.resources import encoder_actor_options
 
 REASONS = ("missing_image", "undecodable_image", "image_too_small", "empty_caption")
 _SHARD_COL = "__input__"  # which raw shard a row came from (the stem of its file name)
@@ -238,9 +238,7 @@ def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int],
         "min_image_size": config.min_image_size, "channels": cfg.channels})
     ds = ds.map_batches(
         DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
-        compute=ray.data.ActorPoolStrategy(size=config.concurrency),
-        num_cpus=config.num_cpus_per_actor, num_gpus=config.num_gpus_per_actor or None,
-        fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
+        **encoder_actor_options(config), fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
                                "num_threads": int(config.num_cpus_per_actor)})
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     counts: Counter[str] = Counter()

@@ -40,6 +40,7 @@ from dalle_core.sampling import (
 from dalle_core.tokenizer import BPETokenizer, pad_text_ids
 from pipelines.artifacts import ModelPaths, model_paths
 from pipelines.config import Config, EvaluateConfig
+from pipelines.resources import deployment_actor_options
 
 GENERATOR, SCORER = "Generator", "Scorer"
 
@@ -181,14 +182,14 @@ def build_app(config: Config, paths: ModelPaths) -> Application:
     ev: EvaluateConfig = config.evaluate
     generator = Generator.options(
         num_replicas=ev.generator_replicas, max_ongoing_requests=ev.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ev.generator_num_cpus, "num_gpus": ev.generator_num_gpus},
+        ray_actor_options=deployment_actor_options(ev.generator_num_cpus, ev.generator_num_gpus),
     ).bind(paths, config.tokenizer.text_seq_len, config.sampling, ev.max_batch_size, ev.batch_wait_timeout_s,
            ev.generator_num_gpus)
     scorer = Scorer.options(
         num_replicas=ev.scorer_replicas, max_ongoing_requests=ev.max_ongoing_requests,
-        ray_actor_options={"num_cpus": ev.scorer_num_cpus, "num_gpus": ev.scorer_num_gpus},
+        ray_actor_options=deployment_actor_options(ev.scorer_num_cpus, ev.scorer_num_gpus),
     ).bind(paths.clip, ev.scorer_max_batch_size, ev.batch_wait_timeout_s, ev.scorer_num_gpus)
-    return DalleApp.options(ray_actor_options={"num_cpus": 0}).bind(generator, scorer, config.sampling)
+    return DalleApp.options(ray_actor_options=deployment_actor_options(0, 0)).bind(generator, scorer, config.sampling)
 
 
 def app_builder(args: dict[str, str]) -> Application:

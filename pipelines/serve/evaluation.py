@@ -31,6 +31,7 @@ from pipelines import storage
 from pipelines.artifacts import ModelPaths
 from pipelines.config import Config
 from pipelines.data import checker, synthetic
+from pipelines.resources import client_actor_options
 from pipelines.serve.app import GENERATOR, SCORER, build_app
 from pipelines.serve.report import ATTRIBUTES, compute_metrics, quality_bar, write_report
 
@@ -232,7 +233,7 @@ def run_evaluation(config: Config, paths: ModelPaths, output: str, prompts: list
         ready = time.perf_counter()
         # The client actors only wait on handles, so they take no CPU from the replicas.
         results = stream_prompts(prompts, ServeClient, client_kwargs(config, output), ev.driver_batch_size,
-                                 ev.driver_concurrency, num_cpus=0)
+                                 **client_actor_options(ev))
         elapsed = time.perf_counter() - ready
     finally:
         serve.shutdown()

@@ -17,8 +17,10 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import shutil
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -109,7 +111,7 @@ def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilde
                   job_start: float | None = None) -> TorchTrainer:
     """The TorchTrainer for one run of ``build_task`` over ``dataset``; rerunning with the same ``storage_path``
     and ``run_name`` resumes from the run's latest checkpoint."""
-    ray.data.DataContext.get_current().enable_progress_bars = False  # the runner prints its own progress
+    dataset.context.enable_progress_bars = False  # the runner prints its own progress, one line per log step
     if section.materialize:  # otherwise every epoch re-reads (and re-decodes) the input: seconds per epoch
         dataset = dataset.materialize()
     store_fs, store_path = storage.arrow_filesystem(storage_path)
@@ -287,7 +289,7 @@ def _fail_hook(spec: str, step: int, rank: int) -> None:
         # A real crash rarely lands within one controller poll of the last checkpoint; without this pause the
         # dying rank's queued checkpoint report is lost with it and the run would resume from an older one.
         time.sleep(3.0)
-        print(f"rank {rank}: simulated crash at step {step}", flush=True)
+        log(f"rank {rank}: simulated crash at step {step}")
         os._exit(1)
 
 
@@ -320,6 +322,13 @@ def _save(task: Task, progress: Progress, writer: MetricsWriter | None, rank: in
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def log(line: str) -> None:
+    """One line to the worker's stdout, which Ray streams to the driver. Not ``print``: Ray Train patches it to
+    also go through the logging module, and the driver then shows every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
+
+
 def _format(record: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " ".join(f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys
                     if k in record)
@@ -328,6 +337,7 @@ def _format(record: dict[str, Any], keys: tuple[str, ...]) -> str:
 def train_worker(loop_config: dict[str, Any]) -> None:
     """One Ray Train worker: builds the task, resumes it, and runs the step loop to ``max_steps``."""
     section: TrainerConfig = loop_config["section"]
+    logging.getLogger("ray.train").setLevel(logging.WARNING)  # not every report's dict and checkpoint path
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
@@ -340,8 +350,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     start_step = progress.step
     writer = MetricsWriter(loop_config["run_dir"], task.name) if rank == 0 else None
     if rank == 0:
-        print(f"[{task.name}] world={world} precision={worker.precision} start_step={start_step} "
-              f"epoch={progress.epoch} {task.describe()}", flush=True)
+        log(f"[{task.name}] world={world} precision={worker.precision} start_step={start_step} "
+            f"epoch={progress.epoch} {task.describe()}")
 
     sums = IntervalSums(device)
     interval_start, interval_steps, first_step_after = time.perf_counter(), 0, None
@@ -365,8 +375,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                       "first_step_after_s": first_step_after}
             if writer is not None:
                 writer.write(record)
-                print(f"[{task.name}] step {progress.step}/{section.max_steps} {_format(record, task.log_keys)}",
-                      flush=True)
+                log(f"[{task.name}] step {progress.step}/{section.max_steps} {_format(record, task.log_keys)}")
             interval_start, interval_steps = time.perf_counter(), 0
         task.after_step(progress)
         if progress.step % section.checkpoint_every == 0 or final:
