@@ -29,7 +29,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--num-prompts", type=int, help="0 = all (evaluate.num_prompts)")
     parser.add_argument("--output", help="output folder, local or s3:// (paths.evaluation)")
     parser.add_argument("--http-port", type=int, help="evaluate.http_port")
-    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS or a local Ray)")
     args = parser.parse_args(argv)
 
     source = None if not args.prompts else "parquet" if args.prompts.endswith(".parquet") else "text"

@@ -23,7 +23,7 @@ from pipelines.serve.report import grid_png
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = job_parser(__doc__)
+    parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--prompt", required=True)
     parser.add_argument("-n", "--num-candidates", type=int, help="default: sampling.num_candidates")
     parser.add_argument("--checkpoint", help="DALLE model file; default: paths.dalle, else newest under paths.runs")

@@ -6,11 +6,11 @@ from collections.abc import Iterator
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 
 from dalle_core.tokenizer import normalize_caption
 from pipelines import storage
 from pipelines.data.raw import SUCCESS, list_raw_shards
+from pipelines.data.shards import read_shards
 
 
 def _normalise(batch: pa.Table) -> pa.Table:
@@ -23,13 +23,10 @@ def _normalise(batch: pa.Table) -> pa.Table:
 def iter_captions(raw: str, batch_size: int = 4096) -> Iterator[str]:
     """Normalised, non-empty captions of the successful rows of every raw shard directly under ``raw``."""
     shards = list_raw_shards(raw)
-    filesystem, _ = storage.arrow_filesystem(shards[0])
     names = storage.parquet_columns(shards[0])
     columns = [c for c in ("caption", "status") if c in names]
     if "caption" not in columns:
         raise ValueError(f"{shards[0]} has no caption column (columns: {names})")
-    ds = ray.data.read_parquet([storage.filesystem(p)[1] for p in shards], filesystem=filesystem)
-    ds = ds.select_columns(columns)
-    ds = ds.map_batches(_normalise, batch_format="pyarrow", batch_size=batch_size)
+    ds = read_shards(shards, columns=columns).map_batches(_normalise, batch_format="pyarrow", batch_size=batch_size)
     for batch in ds.iter_batches(batch_size=batch_size, batch_format="pyarrow"):
         yield from batch.column("caption").to_pylist()

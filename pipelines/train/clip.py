@@ -73,7 +73,7 @@ class PairDecoder:
 
 
 def _to_tensors(batch: dict[str, np.ndarray], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    text = torch.as_tensor(np.asarray(batch["text_ids"]), dtype=torch.long, device=device)
+    text = torch.tensor(batch["text_ids"], dtype=torch.long, device=device)
     return text, from_uint8(np.asarray(batch["pixels"])).to(device)
 
 
