@@ -46,3 +46,19 @@ def test_mistakes_name_the_field(tmp_path, data, message):
     path.write_text(yaml.safe_dump(data))
     with pytest.raises(ConfigError, match=message):
         Config.load(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [(None, "No such file or directory"), ("a: [\n", "not valid YAML"), ("dalle: [1]\n", "dalle: must be a mapping"),
+     ("- 1\n", "top level must be a mapping")],
+)
+def test_config_file_mistakes_are_one_line_not_a_traceback(tmp_path, capsys, text, message):
+    from pipelines.cli import load_job_config
+
+    path = tmp_path / "cfg.yaml"
+    if text is not None:
+        path.write_text(text)
+    assert load_job_config("train", str(path), {}) is None
+    err = capsys.readouterr().err
+    assert err.startswith("train: ") and message in err and len(err.strip().splitlines()) == 1, err
