@@ -23,8 +23,8 @@ import yaml
 
 from dalle_core.config import load_yaml
 from pipelines import storage
-from pipelines.cli import LOCAL_MIN_CPUS, load_job_config
-from pipelines.config import DEFAULT_CONFIG, INGEST_SOURCES
+from pipelines.cli import LOCAL_MIN_CPUS, job_entry, job_parser, load_job_config
+from pipelines.config import INGEST_SOURCES
 from pipelines.serve.report import format_metrics
 
 JOBS = Path(__file__).resolve().parent
@@ -49,22 +49,19 @@ def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[s
     return [(name, [sys.executable, str(JOBS / cmd[0]), *cmd[1:]]) for name, cmd in chain]
 
 
+@job_entry("demo")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
+    parser = job_parser(__doc__)
     parser.add_argument("--root", help="where every artifact goes, local or s3:// (paths.root)")
     parser.add_argument("--source", choices=INGEST_SOURCES, default="folder", help="kind of --input")
     parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
     parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
-    parser.add_argument("--address", help="Ray cluster to run every stage on (default: RAY_ADDRESS or a local Ray)")
     parser.add_argument("--num-cpus", type=int, default=LOCAL_MIN_CPUS,
                         help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
                              "Ray Data)")
     args = parser.parse_args(argv)
 
-    config = load_job_config("demo", args.config, {"paths.root": args.root})  # every mistake before a stage starts
-    if config is None:
-        return 2
+    config = load_job_config(args.config, {"paths.root": args.root})  # every mistake before a stage starts
     data = load_yaml(args.config)
     if args.root:
         data.setdefault("paths", {})["root"] = args.root

@@ -11,37 +11,20 @@ field).
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 
-import yaml
-
-from pipelines.config import DEFAULT_CONFIG, Config, ConfigError
+from pipelines.cli import job_entry, job_parser, load_job_config
 from pipelines.resources import JOBS, plan_resources
 
 
-def load_config(path: str) -> Config:
-    """The config at ``path``; every way it can fail to load is a ConfigError with a one-line message."""
-    try:
-        return Config.load(path)
-    except OSError as err:
-        raise ConfigError(f"{path}: cannot read: {err.strerror or err}") from err
-    except (yaml.YAMLError, UnicodeDecodeError) as err:
-        raise ConfigError(f"{path}: not YAML: {' '.join(str(err).split())}") from err
-
-
+@job_entry("dry_run")
+@job_entry("dry_run")
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--job", required=True, choices=JOBS)
-    parser.add_argument("--config", default=str(DEFAULT_CONFIG), help="YAML config (default: configs/tiny.yaml)")
     args = parser.parse_args(argv)
-    try:
-        cfg = load_config(args.config)
-    except ConfigError as err:
-        print(f"dry_run: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(plan_resources(args.job, cfg), indent=2))
+    print(json.dumps(plan_resources(args.job, load_job_config(args.config, {})), indent=2))
     return 0
 
 

@@ -14,10 +14,12 @@ import json
 import sys
 
 from pipelines.artifacts import model_paths
-from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.cli import connect_ray, job_entry, job_parser, load_job_config
+from pipelines.resources import plan_resources
 from pipelines.serve.evaluation import load_prompts, run_evaluation
 
 
+@job_entry("evaluate")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--checkpoint", help="DALLE model file; default: paths.dalle, else newest under paths.runs")
@@ -32,15 +34,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     source = None if not args.prompts else "parquet" if args.prompts.endswith(".parquet") else "text"
-    config = load_job_config("evaluate", args.config, {
+    config = load_job_config(args.config, {
         "evaluate.prompt_source": source, "evaluate.prompts_path": args.prompts,
         "evaluate.prompt_column": args.column, "evaluate.num_prompts": args.num_prompts,
         "evaluate.http_port": args.http_port})
-    if config is None:
-        return 2
     paths = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
+    paths.require()  # before Ray: a missing model costs no cluster resources
     prompts = load_prompts(config)
-    connect_ray(args.address)
+    connect_ray(args.address, plan_resources("evaluate", config))
     metrics = run_evaluation(config, paths, args.output or config.paths.resolved().evaluation, prompts)
     print(json.dumps(metrics, indent=2))
     return 0

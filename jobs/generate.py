@@ -18,10 +18,11 @@ from dalle_core.io import exists, write_bytes
 from dalle_core.sampling import generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
 from pipelines.artifacts import model_paths
-from pipelines.cli import job_parser, load_job_config
+from pipelines.cli import job_entry, job_parser, load_job_config
 from pipelines.serve.report import grid_png
 
 
+@job_entry("generate")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--prompt", required=True)
@@ -39,13 +40,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args(argv)
 
-    config = load_job_config("generate", args.config, {
+    config = load_job_config(args.config, {
         "sampling.seed": args.seed, "sampling.temperature": args.temperature, "sampling.top_k": args.top_k,
         "sampling.cond_scale": args.cond_scale, "sampling.num_candidates": args.num_candidates,
         # any n >= 1 is valid here; every candidate is written anyway
         "sampling.top_images": 1 if args.num_candidates is not None else None})
-    if config is None:
-        return 2
     models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
     generator = load_generator(models.checkpoint, models.vae, args.device)
     tokenizer = BPETokenizer.load(models.tokenizer, config.tokenizer.text_seq_len)

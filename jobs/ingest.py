@@ -15,13 +15,14 @@ import json
 import sys
 import time
 
-from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.cli import connect_ray, job_entry, job_parser, load_job_config
 from pipelines.config import INGEST_SOURCES
 from pipelines.data.ingest import ingest_folder, ingest_url_list, ingest_webdataset
 
 RUNNERS = {"urls": ingest_url_list, "folder": ingest_folder, "webdataset": ingest_webdataset}
 
 
+@job_entry("ingest")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--source", choices=INGEST_SOURCES, default=None, help="ingest.source")
@@ -34,18 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"ingest.source": args.source, "ingest.url_col": args.url_col, "ingest.caption_col": args.caption_col,
              "ingest.output_format": args.output_format, "ingest.samples_per_shard": args.samples_per_shard}
-    config = load_job_config("ingest", args.config, flags)
-    if config is None:
-        return 2
+    config = load_job_config(args.config, flags)
     output = args.output or config.paths.resolved().raw
     if config.ingest.source != "urls":  # img2dataset runs its own processes
         connect_ray(args.address)
     start = time.perf_counter()
-    try:
-        counts = RUNNERS[config.ingest.source](args.input, output, config.ingest)
-    except FileNotFoundError as exc:
-        print(f"ingest: {exc}", file=sys.stderr)
-        return 1
+    counts = RUNNERS[config.ingest.source](args.input, output, config.ingest)
     print(json.dumps({"source": config.ingest.source, "output": output, "rows_by_status": counts,
                       "seconds": round(time.perf_counter() - start, 2)}))
     return 0

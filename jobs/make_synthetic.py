@@ -12,11 +12,11 @@ import json
 import sys
 import time
 
-from pipelines.cli import job_parser, load_job_config
-from pipelines.config import ConfigError
+from pipelines.cli import job_entry, job_parser, load_job_config
 from pipelines.data.synthetic import write_synthetic
 
 
+@job_entry("make_synthetic")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--output", default=None, help="raw shard folder, local or s3:// (paths.raw)")
@@ -26,16 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"synthetic.num_samples": args.num_samples, "synthetic.seed": args.seed,
              "synthetic.image_size": args.image_size}
-    config = load_job_config("make_synthetic", args.config, flags)
-    if config is None:
-        return 2
+    config = load_job_config(args.config, flags)
     output = args.output or config.paths.resolved().raw
     start = time.perf_counter()
-    try:
-        counts = write_synthetic(config.synthetic, output)
-    except ConfigError as exc:
-        print(f"make_synthetic: {exc}", file=sys.stderr)
-        return 2
+    counts = write_synthetic(config.synthetic, output)
     print(json.dumps({"output": output, **counts, "seconds": round(time.perf_counter() - start, 2)}))
     return 0
 

@@ -4,7 +4,7 @@
     ray job submit --working-dir . -- python jobs/pretokenize.py --config configs/large.yaml \\
         --input s3://bucket/raw --output s3://bucket/shards --concurrency 8 --num-gpus-per-actor 1
 
-A rerun after an interruption finishes only the missing shards; --overwrite starts over. Exits 1 when every
+A rerun after an interruption finishes only the missing shards; --overwrite starts over. Exits 2 when every
 input pair was rejected (the reasons are printed and kept in <output>/rejects/).
 """
 
@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines.cli import connect_ray, job_parser, load_job_config
-from pipelines.data.pretokenize import PretokenizeError, run_pretokenize
+from pipelines.cli import connect_ray, job_entry, job_parser, load_job_config
+from pipelines.data.pretokenize import run_pretokenize
+from pipelines.resources import plan_resources
 
 
+@job_entry("pretokenize")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
@@ -30,18 +32,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     flags = {"pretokenize.batch_size": args.batch_size, "pretokenize.concurrency": args.concurrency,
              "pretokenize.num_gpus_per_actor": args.num_gpus_per_actor, "pretokenize.overwrite": args.overwrite}
-    config = load_job_config("pretokenize", args.config, flags)
-    if config is None:
-        return 2
+    config = load_job_config(args.config, flags)
     paths = config.paths.resolved()
-    connect_ray(args.address)
-    try:
-        summary = run_pretokenize(args.input or paths.raw, args.output or paths.shards,
-                                  args.tokenizer or paths.tokenizer, args.vae or paths.vae,
-                                  config.tokenizer.text_seq_len, config.pretokenize)
-    except (PretokenizeError, FileNotFoundError) as exc:
-        print(f"pretokenize: {exc}", file=sys.stderr)
-        return 1
+    connect_ray(args.address, plan_resources("pretokenize", config))
+    summary = run_pretokenize(args.input or paths.raw, args.output or paths.shards,
+                              args.tokenizer or paths.tokenizer, args.vae or paths.vae,
+                              config.tokenizer.text_seq_len, config.pretokenize)
     print(json.dumps(summary, indent=2))
     return 0
 

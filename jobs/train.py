@@ -14,11 +14,12 @@ import sys
 import time
 
 from pipelines import artifacts
-from pipelines.cli import add_trainer_flags, connect_ray, job_parser, load_job_config, trainer_overrides
-from pipelines.config import ConfigError
+from pipelines.cli import add_trainer_flags, connect_ray, job_entry, job_parser, load_job_config, trainer_overrides
+from pipelines.resources import plan_resources
 from pipelines.train.dalle import load_checked_manifest, train_dalle
 
 
+@job_entry("train")
 def main(argv: list[str] | None = None) -> int:
     job_start = time.time()
     parser = job_parser(__doc__)
@@ -28,20 +29,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--precision", help="train.precision (auto, fp32, bf16, fp16)")
     add_trainer_flags(parser, "train", "dalle")
     args = parser.parse_args(argv)
-    config = load_job_config("train", args.config, {
+    config = load_job_config(args.config, {
         **trainer_overrides(args, "train"), "train.zero_stage": args.zero_stage, "train.precision": args.precision})
-    if config is None:
-        return 2
     paths = config.paths.resolved()
     shards = args.shards or paths.shards
-    try:
-        manifest = load_checked_manifest(config, shards, args.manifest)
-    except (ConfigError, FileNotFoundError) as exc:
-        print(f"train: {exc}", file=sys.stderr)
-        return 2
+    manifest = load_checked_manifest(config, shards, args.manifest)
     storage_path, name, output = args.storage_path or paths.runs, config.train.run_name, args.output or paths.dalle
 
-    connect_ray(args.address)  # workers set DS_ACCELERATOR themselves before importing DeepSpeed
+    # workers set DS_ACCELERATOR themselves before importing DeepSpeed
+    connect_ray(args.address, plan_resources("train", config))
     result = train_dalle(config, manifest, shards_dir=shards, storage_path=storage_path, run_name=name,
                          output=output, job_start=job_start)
     where = artifacts.run_dir(storage_path, name)

@@ -13,21 +13,21 @@ from __future__ import annotations
 import json
 import sys
 
-from pipelines.cli import add_trainer_flags, connect_ray, job_parser, load_job_config, trainer_overrides
+from pipelines.cli import add_trainer_flags, connect_ray, job_entry, job_parser, load_job_config, trainer_overrides
+from pipelines.resources import plan_resources
 from pipelines.train.clip import train_clip
 
 
+@job_entry("train_clip")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--input", help="raw shards (paths.raw)")
     parser.add_argument("--tokenizer", help="BPE model (paths.tokenizer)")
     add_trainer_flags(parser, "train_clip", "clip")
     args = parser.parse_args(argv)
-    config = load_job_config("train_clip", args.config, trainer_overrides(args, "train_clip"))
-    if config is None:
-        return 2
+    config = load_job_config(args.config, trainer_overrides(args, "train_clip"))
     paths = config.paths.resolved()
-    connect_ray(args.address)
+    connect_ray(args.address, plan_resources("train_clip", config))
     metrics = train_clip(config, raw=args.input or paths.raw, tokenizer_path=args.tokenizer or paths.tokenizer,
                          storage_path=args.storage_path or paths.runs, run_name=config.train_clip.run_name,
                          output=args.output or paths.clip)

@@ -12,10 +12,11 @@ import sys
 import time
 
 from dalle_core.tokenizer import BPETokenizer
-from pipelines.cli import connect_ray, job_parser, load_job_config
+from pipelines.cli import connect_ray, job_entry, job_parser, load_job_config
 from pipelines.data.captions import iter_captions
 
 
+@job_entry("train_tokenizer")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
@@ -23,19 +24,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--vocab-size", type=int, default=None, help="tokenizer.vocab_size")
     args = parser.parse_args(argv)
     flags = {"tokenizer.vocab_size": args.vocab_size}
-    config = load_job_config("train_tokenizer", args.config, flags)
-    if config is None:
-        return 2
+    config = load_job_config(args.config, flags)
     paths = config.paths.resolved()
     raw, output = args.input or paths.raw, args.output or paths.tokenizer
     connect_ray(args.address)
     start = time.perf_counter()
     captions = list(iter_captions(raw))
-    try:
-        tokenizer = BPETokenizer.train(captions, output, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
-    except (ValueError, FileNotFoundError) as exc:
-        print(f"train_tokenizer: {exc}", file=sys.stderr)
-        return 1
+    tokenizer = BPETokenizer.train(captions, output, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
     print(json.dumps({"output": output, "captions": len(captions), "vocab_size": tokenizer.vocab_size,
                       "model_hash": tokenizer.model_hash, "seconds": round(time.perf_counter() - start, 2)}))
     return 0

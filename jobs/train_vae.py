@@ -15,29 +15,25 @@ import json
 import sys
 
 from pipelines import artifacts
-from pipelines.cli import add_trainer_flags, connect_ray, job_parser, load_job_config, trainer_overrides
+from pipelines.cli import add_trainer_flags, connect_ray, job_entry, job_parser, load_job_config, trainer_overrides
 from pipelines.data.raw import list_raw_shards
+from pipelines.resources import plan_resources
 from pipelines.train.vae import train_vae
 
 
+@job_entry("train_vae")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__)
     parser.add_argument("--input", help="raw shard folder, local or s3:// (paths.raw)")
     add_trainer_flags(parser, "train_vae", "vae")
     args = parser.parse_args(argv)
-    config = load_job_config("train_vae", args.config, trainer_overrides(args, "train_vae"))
-    if config is None:
-        return 2
+    config = load_job_config(args.config, trainer_overrides(args, "train_vae"))
     paths = config.paths.resolved()
     raw = args.input or paths.raw
-    try:
-        list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
-    except FileNotFoundError as exc:
-        print(f"train_vae: {exc}", file=sys.stderr)
-        return 2
+    list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
     storage_path, name, output = args.storage_path or paths.runs, config.train_vae.run_name, args.output or paths.vae
 
-    connect_ray(args.address)
+    connect_ray(args.address, plan_resources("train_vae", config))
     result, reconstruction = train_vae(config, raw=raw, storage_path=storage_path, run_name=name, output=output)
     where = artifacts.run_dir(storage_path, name)
     print(f"run directory:  {where} (metrics.jsonl, tensorboard/, samples/*.png)")

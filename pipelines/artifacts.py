@@ -52,6 +52,13 @@ class ModelPaths:
     tokenizer: str
     clip: str
 
+    def require(self) -> None:
+        """Raises FileNotFoundError naming every file that is not there: checked before Serve starts, since a
+        replica that cannot load its model is retried, not reported."""
+        missing = [f"{name} {path}" for name, path in vars(self).items() if not exists(path)]
+        if missing:
+            raise FileNotFoundError(f"no such model file: {', '.join(missing)}")
+
 
 def model_paths(config: Config, checkpoint: str | None = None, vae: str | None = None,
                 tokenizer: str | None = None, clip: str | None = None) -> ModelPaths:

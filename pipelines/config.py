@@ -31,6 +31,10 @@ from dalle_core.config import (
     load_yaml,
 )
 
+
+class InputError(ValueError):
+    """The user's input (data, model files, flags) cannot be used as given; jobs exit with code 2."""
+
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"  # the embedded default preset
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively, else fp32
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
@@ -214,7 +218,11 @@ class EvaluateConfig(Section):
     max_batch_size: int = bound(8, ge=1)  # prompts grouped by @serve.batch into one sampling pass
     scorer_max_batch_size: int = bound(16, ge=1)  # prompts grouped into one CLIP pass
     batch_wait_timeout_s: float = bound(0.05, ge=0)
-    max_ongoing_requests: int = bound(64, ge=1)
+    max_ongoing_requests: int = bound(64, ge=1)  # per replica, of every deployment (HTTP ingress included)
+    max_queued_requests: int = bound(64, ge=1)  # HTTP requests waiting for the ingress; more answer 503
+    retry_after_s: int = bound(1, ge=1)  # the Retry-After header of that 503
+    max_candidates: int = bound(64, ge=1)  # the largest "n" an HTTP request may ask for
+    max_prompt_chars: int = bound(2000, ge=1)  # longer HTTP prompts are refused before any tokenizing
     prompt_source: str = bound("synthetic", choices=PROMPT_SOURCES)  # held-out captions | text file | parquet
     prompts_path: str = ""
     prompt_column: str = bound("caption", nonempty=True)
@@ -285,6 +293,6 @@ class Config:
         return from_dict(cls, data)
 
 
-__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "EvaluateConfig", "IngestConfig", "PathsConfig",
+__all__ = ["Config", "ConfigError", "DEFAULT_CONFIG", "EvaluateConfig", "IngestConfig", "InputError", "PathsConfig",
            "PretokenizeConfig", "SyntheticConfig", "TrainCLIPConfig", "TrainConfig", "TrainVAEConfig",
            "TrainerConfig"]

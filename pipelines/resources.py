@@ -183,9 +183,10 @@ def train_memory_per_worker(cfg: Config, sizes: dict[str, float] | None = None) 
 # One planner per job.
 
 
-def _plan_trainer(section: TrainerConfig, parallelism: str, global_batch: int) -> dict[str, Any]:
+def _plan_trainer(name: str, section: TrainerConfig, parallelism: str, global_batch: int) -> dict[str, Any]:
     """What the one training runner builds for any trainer section: the TorchTrainer's workers, their
-    placement and the run settings that decide how long it holds them and what a failure costs."""
+    placement and the run settings that decide how long it holds them and what a failure costs. Unless the
+    data set is materialised first, Ray Data tasks stream it to the workers meanwhile: they need a CPU too."""
     per_worker = worker_resources(section)
     return {
         "ray": f"ray.train.torch.TorchTrainer ({parallelism})",
@@ -193,6 +194,8 @@ def _plan_trainer(section: TrainerConfig, parallelism: str, global_batch: int) -
         "resources_per_worker": per_worker,
         "placement_strategy": section.placement_strategy,
         "total": _totals(section.num_workers, per_worker),
+        "data_tasks_cpu": 0.0 if section.materialize else RAY_DATA_TASK["CPU"],
+        "sized_by": f"{name}.num_workers, {name}.cpus_per_worker, {name}.resources_per_worker, {name}.use_gpu",
         "global_batch": global_batch,
         "run": {
             "precision": section.precision,
@@ -209,7 +212,7 @@ def _plan_train(cfg: Config) -> dict[str, Any]:
     train = cfg.train
     sizes = dalle_sizes(cfg)
     sequences = train.batch_size * train.grad_accum * train.num_workers
-    plan = _plan_trainer(train, f"DeepSpeed ZeRO-{train.zero_stage}", sequences)
+    plan = _plan_trainer("train", train, f"DeepSpeed ZeRO-{train.zero_stage}", sequences)
     plan["deepspeed"] = {
         "zero_stage": train.zero_stage,
         "precision": train.precision,
@@ -236,7 +239,7 @@ def _plan_train(cfg: Config) -> dict[str, Any]:
 def _plan_train_vae(cfg: Config) -> dict[str, Any]:
     tv = cfg.train_vae
     sizes = dvae_sizes(cfg)
-    plan = _plan_trainer(tv, "DDP", tv.batch_size * tv.num_workers)
+    plan = _plan_trainer("train_vae", tv, "DDP", tv.batch_size * tv.num_workers)
     plan["pictures_per_run"] = plan["global_batch"] * tv.max_steps
     plan["model"] = {"params": sizes["params"], "encoder_params": sizes["encoder_params"],
                      "image_size": cfg.vae.image_size, "image_seq_len": cfg.vae.image_seq_len,
@@ -247,7 +250,7 @@ def _plan_train_vae(cfg: Config) -> dict[str, Any]:
 
 def _plan_train_clip(cfg: Config) -> dict[str, Any]:
     tc = cfg.train_clip
-    plan = _plan_trainer(tc, "DDP", tc.batch_size * tc.num_workers)
+    plan = _plan_trainer("train_clip", tc, "DDP", tc.batch_size * tc.num_workers)
     plan["model"] = {"params": clip_params(cfg)}
     return plan
 
@@ -267,6 +270,8 @@ def _plan_pretokenize(cfg: Config) -> dict[str, Any]:
         },
         "decode_tasks": {"resources_per_task": RAY_DATA_TASK, "note": "stateless Ray Data tasks on every free CPU"},
         "total": _totals(options["concurrency"], per_actor),
+        "data_tasks_cpu": RAY_DATA_TASK["CPU"],  # the decode tasks that feed the actors run beside them
+        "sized_by": "pretokenize.concurrency, pretokenize.num_cpus_per_actor, pretokenize.num_gpus_per_actor",
         "dvae_encoder_flops_per_image": dvae_sizes(cfg)["encoder_flops_per_image"],
     }
 
@@ -295,6 +300,8 @@ def _plan_evaluate(cfg: Config) -> dict[str, Any]:
         "driver": {"concurrency": client["concurrency"], "resources_per_actor": driver,
                    "batch_size": ev.driver_batch_size},
         "total": total,
+        "sized_by": "evaluate.generator_replicas, evaluate.generator_num_cpus, evaluate.generator_num_gpus, "
+                    "evaluate.scorer_replicas, evaluate.scorer_num_cpus, evaluate.scorer_num_gpus",
         "generator_memory_gib": {"weights": _gib(4 * sizes["params"]), "kv_cache": _gib(kv_cache),
                                  "total": _gib(4 * sizes["params"] + kv_cache)},
     }

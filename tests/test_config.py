@@ -4,6 +4,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import job_main
 
 from pipelines.config import Config, ConfigError
 
@@ -50,15 +51,18 @@ def test_mistakes_name_the_field(tmp_path, data, message):
 
 @pytest.mark.parametrize(
     ("text", "message"),
-    [(None, "No such file or directory"), ("a: [\n", "not valid YAML"), ("dalle: [1]\n", "dalle: must be a mapping"),
-     ("- 1\n", "top level must be a mapping")],
+    [(None, "cannot read: No such file or directory"), ("a: [\n", "not valid YAML"),
+     ("dalle: [1]\n", "dalle: must be a mapping"), ("dalle: 3\n", "dalle: must be a mapping"),
+     ("- 1\n", "top level must be a mapping"), ("dalle:\n  dpeth: 2\n", "dalle.dpeth: unknown field")],
 )
-def test_config_file_mistakes_are_one_line_not_a_traceback(tmp_path, capsys, text, message):
-    from pipelines.cli import load_job_config
+def test_config_file_mistakes_are_one_line_and_exit_2(tmp_path, capsys, text, message):
+    """As a user meets them: ``jobs/train.py --config <bad>`` answers in one line, exit code 2, no Ray."""
+    import ray
 
     path = tmp_path / "cfg.yaml"
     if text is not None:
         path.write_text(text)
-    assert load_job_config("train", str(path), {}) is None
+    assert job_main("train")(["--config", str(path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("train: ") and message in err and len(err.strip().splitlines()) == 1, err
+    assert not ray.is_initialized()

@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
+import http.client
 import io
 import json
+import select
+import socket
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -16,20 +21,53 @@ from conftest import free_port
 from PIL import Image
 from ray import serve
 
+from pipelines import storage
 from pipelines.artifacts import model_paths
-from pipelines.serve.app import build_app
+from pipelines.config import Config, SyntheticConfig
+from pipelines.data.synthetic import write_synthetic
+from pipelines.serve.app import RequestError, build_app, max_body_bytes, parse_request
 from pipelines.serve.evaluation import load_prompts, run_evaluation
 from pipelines.serve.report import compute_metrics, format_metrics, quality_bar
 
 BAD = {"empty": "   ", "too_long": "a small red circle on the left and a large blue square on the right side",
        "unknown_chars": "a red circle ☃"}
+EVAL = {"evaluate.num_prompts": 6, "evaluate.max_batch_size": 4, "evaluate.driver_batch_size": 3}
+OK = "a small red circle"
+# Refused before any model work: (body, or a function of the evaluate section giving it), status, field named.
+BAD_REQUESTS: dict[str, tuple[Any, int, str]] = {
+    "not_json": (b"not json", 400, "body"),
+    "empty_body": (b"", 400, "body"),
+    "not_utf8": (b'{"prompt": "\xff"}', 400, "body"),
+    "deeply_nested": (b"[" * 1500 + b"]" * 1500, 400, "body"),
+    "array": ([OK], 400, "body"),
+    "no_prompt": ({"n": 2}, 400, "prompt"),
+    "prompt_number": ({"prompt": 7}, 400, "prompt"),
+    "prompt_list": ({"prompt": [OK]}, 400, "prompt"),
+    "prompt_too_long": (lambda ev: {"prompt": "a" * (ev.max_prompt_chars + 1)}, 400, "prompt"),
+    "lone_surrogate": (b'{"prompt": "a red circle \\ud800"}', 400, "prompt"),
+    "body_too_large": (lambda ev: {"prompt": "a" * max_body_bytes(ev.max_prompt_chars)}, 413, "body"),
+    "n_zero": ({"prompt": OK, "n": 0}, 400, "n"),
+    "n_fraction": ({"prompt": OK, "n": 2.7}, 400, "n"),
+    "n_float": ({"prompt": OK, "n": 2.0}, 400, "n"),
+    "n_bool": ({"prompt": OK, "n": True}, 400, "n"),
+    "n_string": ({"prompt": OK, "n": "2"}, 400, "n"),
+    "n_null": ({"prompt": OK, "n": None}, 400, "n"),
+    "n_over_max": (lambda ev: {"prompt": OK, "n": ev.max_candidates + 1}, 400, "n"),
+    "top_zero": ({"prompt": OK, "top": 0}, 400, "top"),
+    "top_over_n": ({"prompt": OK, "n": 2, "top": 3}, 400, "top"),
+    "top_over_default_n": ({"prompt": OK, "top": 5}, 400, "top"),  # tiny sampling.num_candidates is 4
+    "top_fraction": ({"prompt": OK, "n": 2, "top": 1.5}, 400, "top"),
+    "format_unknown": ({"prompt": OK, "format": "gif"}, 400, "format"),
+    "format_number": ({"prompt": OK, "format": 1}, 400, "format"),
+    "unknown_field": ({"prompt": OK, "seed": 1}, 400, "seed"),
+}
 
 
 @pytest.fixture(scope="module")
-def config(tmp_path_factory, ray_cluster):
-    root = tmp_path_factory.mktemp("eval")
-    return build_artifacts(root, **{"evaluate.http_port": free_port(), "evaluate.num_prompts": 6,
-                                    "evaluate.max_batch_size": 4, "evaluate.driver_batch_size": 3})
+def config(tmp_path_factory, s3_server, ray_cluster):
+    # s3_server (session scope) is set up before this module's Ray starts, so the replicas and client actors of
+    # the s3:// test inherit its AWS_* variables.
+    return build_artifacts(tmp_path_factory.mktemp("eval"), **EVAL, **{"evaluate.http_port": free_port()})
 
 
 def serve_is_down() -> bool:
@@ -40,29 +78,116 @@ def serve_is_down() -> bool:
     return False
 
 
-def test_live_http_request_returns_ranked_pngs(config):
-    ev = config.evaluate
-    serve.start(http_options={"host": "127.0.0.1", "port": ev.http_port})
-    try:
-        serve.run(build_app(config, model_paths(config)), name=ev.app_name, route_prefix="/")
-        url = f"http://127.0.0.1:{ev.http_port}/"
-        reply = requests.post(url, json={"prompt": "a small red circle on the left", "n": 3}, timeout=60)
+def test_parse_request_defaults_and_limits():
+    req = parse_request(b'{"prompt": "a red circle"}', default_n=8, max_candidates=6, max_prompt_chars=20)
+    assert (req.prompt, req.n, req.top, req.format) == ("a red circle", 8, 8, "json")  # the default may exceed
+    req = parse_request(b'{"prompt": "x", "n": 6, "top": 6, "format": "png"}', 8, 6, 20)
+    assert (req.n, req.top, req.format) == (6, 6, "png")
+    with pytest.raises(RequestError, match=r"n: must be in \[1, max_candidates=6\], got 7") as info:
+        parse_request(b'{"prompt": "x", "n": 7}', 8, 6, 20)
+    assert info.value.status_code == 400 and info.value.field == "n"
+    # The longest valid prompt fits the body limit however it is escaped (astral characters: 12 bytes each).
+    worst = json.dumps({"prompt": "\U0001f600" * 20, "n": 6, "top": 6, "format": "json"}).encode()
+    assert len(worst) <= max_body_bytes(20) and parse_request(worst, 8, 6, 20).prompt == "\U0001f600" * 20
+
+
+class Live:
+    """The Serve app on loopback, admitting one request at a time with one waiting (so overload is easy to
+    reach); small HTTP limits keep the refused bodies small."""
+
+    def __init__(self, config: Config) -> None:
+        ev = dataclasses.replace(config.evaluate, max_ongoing_requests=1, max_queued_requests=1, max_candidates=6,
+                                 max_prompt_chars=200)
+        self.config, self.ev = dataclasses.replace(config, evaluate=ev), ev
+        self.url = f"http://127.0.0.1:{ev.http_port}/"
+
+    def post(self, body: Any) -> requests.Response:
+        raw = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return requests.post(self.url, data=raw, timeout=60)
+
+
+def stalled_post(port: int, body: bytes) -> socket.socket:
+    """A POST whose body has only begun to arrive: it holds its place in Serve (with the ingress or queued)
+    until the rest is sent."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=60)
+    sock.sendall(b"POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (len(body), body[:5]))
+    return sock
+
+
+def read_response(sock: socket.socket) -> http.client.HTTPResponse:
+    response = http.client.HTTPResponse(sock)
+    response.begin()
+    response.read()
+    return response
+
+
+class TestHTTP:
+    """The live ingress over HTTP on 127.0.0.1 (one Serve start for the class; the batch-job tests below start
+    their own)."""
+
+    @pytest.fixture(scope="class")
+    def live(self, config):
+        app = Live(config)
+        serve.start(http_options={"host": "127.0.0.1", "port": app.ev.http_port})
+        try:
+            serve.run(build_app(app.config, model_paths(app.config)), name=app.ev.app_name, route_prefix="/")
+            yield app
+        finally:
+            serve.shutdown()
+        assert serve_is_down()
+
+    def test_request_returns_ranked_pngs_and_the_count_used(self, live):
+        reply = live.post({"prompt": "a small red circle on the left", "n": 3})
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["status"] == "ok" and len(body["candidates"]) == 3
+        assert body["num_candidates"] == body["settings"]["num_candidates"] == 3 != live.config.sampling.num_candidates
         scores = [c["score"] for c in body["candidates"]]
         assert scores == sorted(scores, reverse=True) and [c["rank"] for c in body["candidates"]] == [0, 1, 2]
         picture = Image.open(io.BytesIO(base64.b64decode(body["candidates"][0]["png_base64"])))
-        assert picture.size == (config.vae.image_size, config.vae.image_size)
-        strip = requests.post(url, json={"prompt": "a red square", "n": 2, "format": "png"}, timeout=60)
-        assert strip.headers["content-type"] == "image/png"
-        assert Image.open(io.BytesIO(strip.content)).size[0] > 2 * config.vae.image_size
-        rejected = requests.post(url, json={"prompt": ""}, timeout=60)
-        assert rejected.status_code == 422 and rejected.json()["status"] == "empty"
-        assert requests.post(url, data=b"not json", timeout=60).status_code == 400
-    finally:
-        serve.shutdown()
-    assert serve_is_down()
+        assert picture.size == (live.config.vae.image_size, live.config.vae.image_size)
+        default = live.post({"prompt": "a red circle", "top": 1}).json()
+        assert default["num_candidates"] == live.config.sampling.num_candidates and len(default["candidates"]) == 1
+        strip = live.post({"prompt": "a red square", "n": 2, "format": "png"})
+        assert strip.headers["content-type"] == "image/png" and strip.headers["x-num-candidates"] == "2"
+        assert Image.open(io.BytesIO(strip.content)).size[0] > 2 * live.config.vae.image_size
+        assert requests.get(live.url, timeout=60).json()["usage"].startswith("POST")
+
+    @pytest.mark.parametrize("body, status, field", BAD_REQUESTS.values(), ids=BAD_REQUESTS.keys())
+    def test_bad_request_is_refused_naming_the_field(self, live, body, status, field):
+        reply = live.post(body(live.ev) if callable(body) else body)
+        assert reply.status_code == status, reply.text
+        assert reply.json()["status"] == "bad_request" and reply.json()["field"] == field
+
+    def test_rejected_prompts_answer_422_with_their_status(self, live):
+        longest = live.post({"prompt": "a" * live.ev.max_prompt_chars})  # just passes the length check
+        assert longest.status_code == 422 and longest.json()["status"] == "too_long"
+        for text, status in (("", "empty"), ("   ", "empty"), ("a red circle \u2603", "unknown_chars")):
+            rejected = live.post({"prompt": text})
+            assert rejected.status_code == 422 and rejected.json()["status"] == status
+
+    def test_overload_answers_503_with_retry_after(self, live):
+        body = json.dumps({"prompt": "a small red circle", "n": 2}).encode()
+        socks = [stalled_post(live.ev.http_port, body) for _ in range(5)]
+        try:
+            # One request is with the ingress and one waits: Serve's proxy must turn the other three away at
+            # once, before their bodies are sent.
+            rejected: list[socket.socket] = []
+            while len(rejected) < 3:
+                ready, _, _ = select.select([s for s in socks if s not in rejected], [], [], 60)
+                assert ready, f"only {len(rejected)} of 5 requests were turned away"
+                rejected.extend(ready)
+            for sock in rejected:
+                response = read_response(sock)
+                assert response.status == 503 and response.getheader("retry-after") == str(live.ev.retry_after_s)
+            admitted = [s for s in socks if s not in rejected]
+            for sock in admitted:
+                sock.sendall(body[5:])
+            assert [read_response(s).status for s in admitted] == [200, 200]
+        finally:
+            for sock in socks:
+                sock.close()
 
 
 def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
@@ -108,6 +233,35 @@ def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
     assert grid.size[1] > 6 * config.vae.image_size  # six prompt rows
     report = (out / "report.html").read_text()
     assert "grid.png" in report and "too_long" in report and all(p in report for p in results.image_path.dropna())
+
+
+def test_evaluation_reads_models_and_prompt_shard_from_s3_and_writes_there(config, s3_bucket):
+    root = f"{s3_bucket}/project"
+    raw = f"{root}/raw"
+    write_synthetic(SyntheticConfig(num_samples=8, samples_per_shard=8, image_size=16), raw)
+    shard = storage.list_files(raw, (".parquet",))[0]
+    # As jobs/evaluate.py runs it: the config's paths (all under s3://) give the models, a Parquet shard the prompts.
+    s3_config = build_artifacts(root, **{**EVAL, "evaluate.http_port": config.evaluate.http_port,
+                                         "evaluate.num_prompts": 3, "evaluate.prompt_source": "parquet",
+                                         "evaluate.prompts_path": shard})
+    paths = model_paths(s3_config)
+    assert all(p.startswith(f"{root}/") for p in dataclasses.asdict(paths).values())
+    out = f"{s3_bucket}/eval"
+    with pytest.raises(FileNotFoundError, match=f"clip {root}/nope.pt"):  # refused before Serve starts
+        run_evaluation(s3_config, dataclasses.replace(paths, clip=f"{root}/nope.pt"), out, [])
+    metrics = run_evaluation(s3_config, paths, out, load_prompts(s3_config))
+    assert serve_is_down()
+
+    results = storage.read_parquet(f"{out}/results.parquet").to_pandas()
+    n = s3_config.sampling.num_candidates
+    assert metrics["status_counts"] == {"ok": 3} and len(results) == 3 * n
+    assert storage.read_json(f"{out}/metrics.json")["clip_score"] == metrics["clip_score"]
+    assert metrics["models"] == dataclasses.asdict(paths) and metrics["output"] == out
+    written = storage.list_files(f"{out}/images", (".png",), recursive=True)
+    assert written == sorted(f"{out}/{p}" for p in results["image_path"].dropna())
+    assert len(written) == 3 * s3_config.sampling.top_images
+    assert Image.open(io.BytesIO(storage.read_bytes(f"{out}/grid.png"))).size[1] > 3 * s3_config.vae.image_size
+    assert "grid.png" in storage.read_bytes(f"{out}/report.html").decode()
 
 
 def test_serve_is_shut_down_when_the_job_fails(config, tmp_path):

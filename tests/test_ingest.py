@@ -143,15 +143,17 @@ def test_webdataset_tars(tmp_path: Path, ray_cluster):
     tars = tmp_path / "wds"
     tars.mkdir()
     members = {"s1.jpg": _jpeg(5), "s1.txt": b"tar caption one", "s2.png": _encode(Image.new("RGB", (20, 20)), "PNG"),
-               "s2.txt": b"tar caption two", "s3.jpg": _jpeg(6), "s3.json": b"{}"}
+               "s2.txt": b"tar caption two", "s3.jpg": _jpeg(6), "s3.json": b"{}", "s4.jpg": _jpeg(7),
+               "s4.txt": "caf\u00e9".encode("latin-1")}
     with tarfile.open(tars / "shard-000.tar", "w") as tar:
         for name, data in members.items():
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tar.addfile(info, io.BytesIO(data))
     counts = ingest_webdataset(str(tars), str(tmp_path / "raw"), IngestConfig())
-    assert counts == {"success": 2, "failed_missing_caption": 1}
+    assert counts == {"success": 2, "failed_missing_caption": 1, "caption_not_utf8": 1}
     rows = {r["key"]: r for r in pq.read_table(tmp_path / "raw" / "shard-000.parquet").to_pylist()}
     assert rows["s1"]["caption"] == "tar caption one" and rows["s1"]["jpg"] == members["s1.jpg"]
     assert rows["s2"]["width"] == 20 and rows["s3"]["status"] == "failed_missing_caption"
     assert rows["s1"]["source"].endswith("shard-000.tar#s1")
+    assert rows["s4"]["caption"] is None and "not UTF-8" in rows["s4"]["error_message"]

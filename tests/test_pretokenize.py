@@ -1,10 +1,14 @@
 """pretokenize on the synthetic set: codes equal the dVAE's, ids decode to the captions, bad rows become
-counted rejects, an interrupted run resumes to exactly the clean run's keys, the manifest guards training."""
+counted rejects, an interrupted run resumes to exactly the clean run's keys, a rerun with other models is refused,
+the manifest guards training."""
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +28,8 @@ from dalle_core.checkpoint import load_model
 from dalle_core.config import DALLEConfig
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
 from pipelines.config import ConfigError, PretokenizeConfig, SyntheticConfig
-from pipelines.data.manifest import check_manifest, read_manifest
-from pipelines.data.pretokenize import run_pretokenize
+from pipelines.data.manifest import MODELS_KEY, check_manifest, read_manifest
+from pipelines.data.pretokenize import PretokenizeError, run_pretokenize
 from pipelines.data.raw import raw_table
 from pipelines.data.synthetic import iter_samples, write_synthetic
 
@@ -162,6 +166,43 @@ def test_interrupted_run_resumes_to_the_clean_key_set(data, tmp_path):
     assert redo["shards_written"] == 7 and sorted(r["key"] for r in _token_rows(out)) == sorted(clean_keys)
 
 
+def _files(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+
+
+def test_rerun_with_other_models_is_refused_unless_overwrite(data, tmp_path):
+    root, out = data["root"], tmp_path / "out"
+    shutil.copytree(root / "clean", out)
+    _, other_vae = write_tiny_models(tmp_path, [r["caption"] for r in data["train"]], seed=1)
+    old_hash = read_manifest(str(out))["vae"]["checkpoint_hash"]
+    new_hash = hashlib.sha256(Path(other_vae).read_bytes()).hexdigest()
+    assert old_hash != new_hash
+    before = _files(out)
+
+    def rerun(vae: str, text_seq_len: int = 16, config: PretokenizeConfig = CONFIG) -> dict:
+        return run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], vae, text_seq_len, config)
+
+    with pytest.raises(PretokenizeError, match=f"vae.checkpoint_hash={old_hash} there, {new_hash} now"):
+        rerun(other_vae)
+    with pytest.raises(PretokenizeError, match="tokenizer.text_seq_len=16 there, 12 now"):
+        rerun(data["vae"], text_seq_len=12)
+    assert _files(out) == before  # refused before anything was written
+    # A half-finished old run: no manifest yet and a shard still to do; the finished shards' footers tell.
+    (out / "manifest.json").unlink()
+    sorted((out / "data").glob("*.parquet"))[0].unlink()
+    with pytest.raises(PretokenizeError, match=f"{old_hash} there, {new_hash} now"):
+        rerun(other_vae)
+
+    summary = rerun(other_vae, config=PretokenizeConfig(batch_size=64, overwrite=True))
+    assert summary["shards_written"] == 7 and summary["shards_skipped"] == 0
+    assert read_manifest(str(out))["vae"]["checkpoint_hash"] == new_hash
+    for path in (out / "data").glob("*.parquet"):
+        assert json.loads(pq.read_schema(path).metadata[MODELS_KEY])["vae"]["checkpoint_hash"] == new_hash
+    new_codes = {r["key"]: r["image_codes"] for r in _token_rows(out)}
+    old_codes = {r["key"]: r["image_codes"] for r in _token_rows(root / "clean")}
+    assert new_codes.keys() == old_codes.keys() and new_codes != old_codes  # really re-encoded by the new dVAE
+
+
 def test_entirely_bad_input_exits_non_zero(data, tmp_path, capsys):
     raw = tmp_path / "raw"
     raw.mkdir()
@@ -171,6 +212,6 @@ def test_entirely_bad_input_exits_non_zero(data, tmp_path, capsys):
 
     code = job.main(["--input", str(raw), "--output", str(tmp_path / "out2"), "--tokenizer", data["tokenizer"],
                      "--vae", data["vae"]])
-    assert code == 1
+    assert code == 2  # the input is at fault, not the run
     assert "all 6 input pairs were rejected" in capsys.readouterr().err
     assert pq.read_table(tmp_path / "out2" / "rejects" / "00000.parquet").num_rows == len(BAD_ROWS)

@@ -1,5 +1,5 @@
-"""s3:// end to end against moto's S3 server on loopback (no patched client), and the atomic-write rules the
-resume logic relies on."""
+"""s3:// end to end against moto's S3 server on loopback (no patched client): synthetic set, tokenizer,
+pretokenize, and a folder ingest; and the atomic-write rules the resume logic relies on."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 from conftest import write_tiny_models
+from PIL import Image
 
 from pipelines import storage
-from pipelines.config import PretokenizeConfig, SyntheticConfig
+from pipelines.config import IngestConfig, PretokenizeConfig, SyntheticConfig
 from pipelines.data.captions import iter_captions
+from pipelines.data.ingest import ingest_folder
 from pipelines.data.manifest import read_manifest
 from pipelines.data.pretokenize import run_pretokenize
 from pipelines.data.synthetic import iter_samples, write_synthetic
@@ -47,6 +49,25 @@ def test_s3_round_trip(s3_bucket, ray_cluster, tmp_path):
     again = run_pretokenize(raw, shards, f"{s3_bucket}/tok/bpe.model", f"{s3_bucket}/vae/vae.pt", 16,
                             PretokenizeConfig(batch_size=32))
     assert again["shards_skipped"] == 3
+
+
+def test_folder_ingest_to_s3(s3_bucket, ray_cluster, tmp_path):
+    src = tmp_path / "pics"
+    src.mkdir()
+    Image.new("RGB", (24, 20), (10, 200, 30)).save(src / "a.png")
+    (src / "a.txt").write_text("a green square")
+    Image.new("RGB", (24, 20)).save(src / "b.jpg")  # no caption
+    (src / "c.txt").write_bytes(b"no picture")
+    raw = f"{s3_bucket}/raw"
+    counts = ingest_folder(str(src), raw, IngestConfig(samples_per_shard=2))
+    assert counts == {"success": 1, "failed_missing_caption": 1, "failed_missing_image": 1}
+    shards = storage.list_files(raw, (".parquet",))
+    assert shards == [f"{raw}/part-00000.parquet", f"{raw}/part-00001.parquet"]
+    rows = {r["key"]: r for s in shards for r in storage.read_parquet(s).to_pylist()}
+    assert rows["a"]["status"] == "success" and rows["a"]["caption"] == "a green square"
+    assert rows["a"]["jpg"] == (src / "a.png").read_bytes() and (rows["a"]["width"], rows["a"]["height"]) == (24, 20)
+    assert rows["b"]["status"] == "failed_missing_caption" and rows["b"]["jpg"] == (src / "b.jpg").read_bytes()
+    assert rows["c"]["status"] == "failed_missing_image" and "c.txt" in rows["c"]["error_message"]
 
 
 def test_local_writes_are_atomic_and_listing_skips_temporaries(tmp_path):

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 import torch
+from conftest import sigkill_paused_worker, start_ray_with_state_api
 from ray.job_submission import JobStatus, JobSubmissionClient
 from ray.train.v2.api.exceptions import TrainingFailedError
 
@@ -32,10 +33,11 @@ from dalle_core.config import to_dict
 from dalle_core.dalle import DALLE
 from dalle_core.images import make_grid
 from dalle_core.train_utils import annealed_temperature, collate_tokens, lr_multiplier, mfu
+from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.manifest import SCHEMA_VERSION, token_schema
 from pipelines.train.dalle import build_dalle_trainer, load_checked_manifest
-from pipelines.train.runner import FAIL_ENV
+from pipelines.train.runner import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 ROWS_PER_SHARD = 48  # 96 rows / 2 workers / batch 8 = 6 batches per epoch: 12 steps cross an epoch boundary
@@ -89,9 +91,9 @@ def read_metrics(run: Path) -> list[dict]:
     return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
 
 
-def fit(config: Config, shards: Path, storage: Path, name: str):
+def fit(config: Config, shards: Path, runs: Path | str, name: str):
     manifest = load_checked_manifest(config, str(shards))
-    return build_dalle_trainer(config, manifest, shards_dir=str(shards), storage_path=str(storage),
+    return build_dalle_trainer(config, manifest, shards_dir=str(shards), storage_path=str(runs),
                                run_name=name).fit()
 
 
@@ -121,10 +123,10 @@ def check_run_outputs(run: Path, config: Config, workers: int) -> dict[str, torc
 
 
 @pytest.fixture(scope="module")
-def cluster():
-    ray.init(address="local", num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False,
-             runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
-    ray.data.DataContext.get_current().enable_progress_bars = False
+def cluster(s3_server):
+    """The module's Ray, started after the loopback S3 settings so that its workers inherit them."""
+    # the dashboard serves the state API, through which the kill tests find the workers
+    start_ray_with_state_api(runtime_env={"env_vars": {"DS_ACCELERATOR": "cpu"}})
     yield
     ray.shutdown()
 
@@ -139,11 +141,11 @@ def shards(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def reference(cluster, shards, tmp_path_factory) -> tuple[Path, dict[str, torch.Tensor]]:
     """The uninterrupted ZeRO-2 run the resume tests compare against."""
-    storage = tmp_path_factory.mktemp("runs")
+    runs = tmp_path_factory.mktemp("runs")
     config = tiny_config(**{"train.zero_stage": 2})
-    result = fit(config, shards, storage, "reference")
+    result = fit(config, shards, runs, "reference")
     assert result.metrics["step"] == 12
-    return storage / "reference", check_run_outputs(storage / "reference", config, workers=2)
+    return runs / "reference", check_run_outputs(runs / "reference", config, workers=2)
 
 
 def test_lr_schedule_collate_grid_and_mfu():
@@ -187,14 +189,17 @@ def test_zero2_two_workers_consolidated_weights(reference):
     assert metrics[-1]["epoch"] == 1  # 6 batches per worker per epoch: the run crossed into epoch 1
 
 
-def test_stop_and_rerun_continues_and_matches_uninterrupted(reference, shards, tmp_path, monkeypatch):
-    config = tiny_config(**{"train.zero_stage": 2})
-    monkeypatch.setenv(FAIL_ENV, f"10:1:{tmp_path / 'crashed'}")  # mid-epoch 1; last checkpoint at step 8
-    with pytest.raises(TrainingFailedError):
-        fit(config, shards, tmp_path, "stopped")
-    assert (tmp_path / "crashed").exists()
-    result = fit(config, shards, tmp_path, "stopped")
-    assert result.metrics["step"] == 12
+def test_stop_and_rerun_on_s3_continues_and_matches_uninterrupted(reference, shards, s3_bucket, tmp_path,
+                                                                  monkeypatch):
+    """The run lives on s3:// (the loopback S3 server): checkpoints, metrics and the resume from them."""
+    config, runs = tiny_config(**{"train.zero_stage": 2}), f"{s3_bucket}/runs"
+    monkeypatch.setenv(PAUSE_ENV, f"10:1:{tmp_path / 'paused'}")  # mid-epoch 1; last checkpoint at step 8
+    with sigkill_paused_worker(tmp_path / "paused"), pytest.raises(TrainingFailedError):
+        fit(config, shards, runs, "stopped")  # no retries: the kill fails the run
+    result = fit(config, shards, runs, "stopped")
+    assert result.metrics["step"] == 12 and result.checkpoint.path.startswith(s3_bucket[len("s3://"):])
+    fs, path = storage.filesystem(f"{runs}/stopped")
+    fs.get(path, str(tmp_path / "stopped"), recursive=True)
     metrics = read_metrics(tmp_path / "stopped")
     resumed = [m for m in metrics if m["start_step"] > 0]
     assert {m["start_step"] for m in resumed} == {8} and [m["step"] for m in resumed] == [9, 10, 11, 12]
@@ -206,11 +211,12 @@ def test_stop_and_rerun_continues_and_matches_uninterrupted(reference, shards, t
 
 def test_zero3_killed_worker_resumes_from_last_checkpoint(reference, shards, tmp_path, monkeypatch):
     config = tiny_config(**{"train.zero_stage": 3, "train.max_failures": 1})
-    monkeypatch.setenv(FAIL_ENV, f"6:1:{tmp_path / 'crashed'}")
-    result = fit(config, shards, tmp_path, "killed")
-    assert (tmp_path / "crashed").exists() and result.metrics["step"] == 12
+    monkeypatch.setenv(PAUSE_ENV, f"6:1:{tmp_path / 'paused'}")
+    with sigkill_paused_worker(tmp_path / "paused"):
+        result = fit(config, shards, tmp_path, "killed")
+    assert result.metrics["step"] == 12
     steps = [m["step"] for m in read_metrics(tmp_path / "killed")]
-    # steps 1-5 ran, rank 1 died at 6; the retry resumed from the step-4 checkpoint: only step 5 runs twice.
+    # steps 1-5 ran, rank 1 was killed at 6; the retry resumed from the step-4 checkpoint: step 5 runs twice.
     assert steps == [1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11, 12]
     weights = check_run_outputs(tmp_path / "killed", config, workers=2)
     for key, value in reference[1].items():  # ZeRO-3 with a crash lands where ZeRO-2 without one did

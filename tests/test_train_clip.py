@@ -7,13 +7,15 @@ import json
 import pytest
 import torch
 from _eval_artifacts import build_artifacts, tiny_config
+from conftest import sigkill_paused_worker, start_ray_with_state_api
 
 from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.clip import CLIP
 from dalle_core.metrics import retrieval_accuracy
+from pipelines.config import InputError
 from pipelines.data import synthetic
 from pipelines.train.clip import is_heldout, metrics_path, train_clip
-from pipelines.train.runner import FAIL_ENV
+from pipelines.train.runner import PAUSE_ENV
 
 
 def test_retrieval_accuracy_counts_ranks_both_ways():
@@ -40,6 +42,16 @@ def run(config, tmp_path, name: str) -> dict:
     paths = config.paths.resolved()
     return train_clip(config, raw=paths.raw, tokenizer_path=paths.tokenizer, storage_path=str(tmp_path / "runs"),
                       run_name=name, output=str(tmp_path / name / "clip.pt"))
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """This module's Ray, with the dashboard: the kill test finds the worker through the state API."""
+    import ray
+
+    start_ray_with_state_api()
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -77,9 +89,9 @@ def test_train_clip_writes_a_loadable_checkpoint_and_retrieval_metrics(workspace
 def test_train_clip_killed_worker_resumes_to_the_same_model(workspace, ray_cluster, monkeypatch):
     root, config = workspace
     killed = tiny_config(root, **CLIP_RUN, **{"train_clip.max_failures": 1})
-    monkeypatch.setenv(FAIL_ENV, f"6:0:{root / 'crashed'}")  # after the step-4 checkpoint
-    run(killed, root, "clip-killed")
-    assert (root / "crashed").exists()
+    monkeypatch.setenv(PAUSE_ENV, f"6:0:{root / 'paused'}")  # after the step-4 checkpoint
+    with sigkill_paused_worker(root / "paused"):
+        run(killed, root, "clip-killed")
     records = read_records(root / "runs" / "clip-killed")
     assert [(r["step"], r["start_step"]) for r in records] == [(4, 0), (8, 4), (12, 4)]
     resumed = load_model_with_extra(str(root / "clip-killed" / "clip.pt"))[0].state_dict()
@@ -90,6 +102,6 @@ def test_train_clip_killed_worker_resumes_to_the_same_model(workspace, ray_clust
 def test_train_clip_rejects_a_tokenizer_larger_than_the_model(tmp_path, ray_cluster):
     config = build_artifacts(tmp_path)
     small = config.__class__.load(None, {"paths.root": str(tmp_path), "tokenizer.vocab_size": 16})
-    with pytest.raises(ValueError, match="clip.num_text_tokens"):
+    with pytest.raises(InputError, match="clip.num_text_tokens"):
         train_clip(small, raw=str(tmp_path), tokenizer_path=config.paths.resolved().tokenizer,
                    storage_path=str(tmp_path / "runs"), run_name="clip", output=str(tmp_path / "c.pt"))

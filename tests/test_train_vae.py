@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import sigkill_paused_worker, start_ray_with_state_api
 from PIL import Image
 
 from dalle_core.checkpoint import load_model_with_extra
@@ -19,7 +20,7 @@ from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.raw import raw_table
 from pipelines.data.synthetic import write_synthetic
-from pipelines.train.runner import FAIL_ENV
+from pipelines.train.runner import PAUSE_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -37,8 +38,7 @@ CONFIG = {
 
 @pytest.fixture(scope="module")
 def cluster():
-    ray.init(num_cpus=4, object_store_memory=200 * 1024**2, include_dashboard=False)
-    ray.data.DataContext.get_current().enable_progress_bars = False
+    start_ray_with_state_api()  # the kill test finds the worker through the state API
     yield
     ray.shutdown()
 
@@ -86,15 +86,16 @@ def test_train_vae_ddp_samples_checkpoint_and_resume(cluster, workspace):
 
 
 def test_train_vae_killed_worker_resumes_to_the_same_model(cluster, workspace, tmp_path, monkeypatch):
-    """Rank 1 dies at step 5; the retried run resumes from the step-4 checkpoint and ends where the
-    uninterrupted run above was at step 8 (same data position, optimiser, schedule and per-rank RNG)."""
+    """Rank 1 is killed (SIGKILL, from outside) at step 5; the retried run resumes from the step-4 checkpoint and
+    ends where the uninterrupted run above was at step 8 (same data position, optimiser, schedule, per-rank RNG)."""
     config = json.loads((workspace / "cfg.yaml").read_text())
     config["train_vae"]["max_failures"] = 1
     (tmp_path / "cfg.yaml").write_text(json.dumps(config))
-    monkeypatch.setenv(FAIL_ENV, f"5:1:{tmp_path / 'crashed'}")
-    code = train_vae_job.main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(workspace / "raw"),
-                               "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "vae.pt")])
-    assert code == 0 and (tmp_path / "crashed").exists()
+    monkeypatch.setenv(PAUSE_ENV, f"5:1:{tmp_path / 'paused'}")
+    with sigkill_paused_worker(tmp_path / "paused"):
+        code = train_vae_job.main(["--config", str(tmp_path / "cfg.yaml"), "--input", str(workspace / "raw"),
+                                   "--storage-path", str(tmp_path / "runs"), "--output", str(tmp_path / "vae.pt")])
+    assert code == 0
     records = [json.loads(line) for line in (tmp_path / "runs" / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["start_step"]) for r in records] == [(2, 0), (4, 0), (6, 4), (8, 4)]
     resumed = load_model_with_extra(str(tmp_path / "vae.pt"))[0].state_dict()

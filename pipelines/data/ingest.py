@@ -3,28 +3,32 @@
 
 Nothing is dropped on the way in: a pair that cannot be used yet is written with ``status != "success"`` and an
 ``error_message`` (img2dataset does the same for failed downloads), so pretokenize counts it as a reject with a
-reason. Output shard names are fixed by the input (shard index or tar name), so a rerun rewrites the same files.
+reason. In a folder every file is accounted for: when several pictures (``x.jpg``, ``x.png``) or caption files
+share a key, the first picture in :data:`IMAGE_SUFFIXES` order (then by name) is paired and each other file
+becomes a ``duplicate_key`` row keyed by its own relative path. Output shard names are fixed by the input
+(shard index or tar name), so a rerun rewrites the same files.
 """
 
 from __future__ import annotations
 
 import hashlib
-import io
 import os
 import tarfile
 from collections import Counter
 from typing import Any
 
 import ray
-from PIL import Image, UnidentifiedImageError
 
 from pipelines import storage
 from pipelines.config import IngestConfig
-from pipelines.data.raw import SUCCESS, raw_table
+from pipelines.data.images import picture_size
+from pipelines.data.raw import DUPLICATE_KEY, SUCCESS, raw_table
 
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+# Picture files a folder ingest pairs; also the order of preference among pictures that share a key.
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif")
 MISSING_CAPTION = "failed_missing_caption"
 MISSING_IMAGE = "failed_missing_image"
+CAPTION_NOT_UTF8 = "caption_not_utf8"
 
 
 def ingest_url_list(url_list: str, output: str, config: IngestConfig) -> dict[str, int]:
@@ -53,12 +57,7 @@ def ingest_url_list(url_list: str, output: str, config: IngestConfig) -> dict[st
 
 def _row(key: str, caption: str | None, image: bytes | None, source: str, status: str = SUCCESS,
          error: str | None = None) -> dict[str, Any]:
-    width = height = None
-    if image is not None:
-        try:
-            width, height = Image.open(io.BytesIO(image)).size  # header only; pretokenize decodes fully
-        except (UnidentifiedImageError, OSError):
-            pass
+    width, height = picture_size(image) or (None, None)  # header only; pretokenize decodes and judges
     return {"key": key, "caption": caption, "url": None, "jpg": image, "width": width, "height": height,
             "status": status, "error_message": error, "source": source}
 
@@ -73,25 +72,58 @@ def choose_caption(text: str, key: str, seed: int) -> str:
     return lines[int.from_bytes(digest[:8], "big") % len(lines)]
 
 
+def _pair_row(key: str, image: bytes, text: bytes, source: str, seed: int) -> dict[str, Any]:
+    """The row of a picture and its caption file; a caption that is not UTF-8 is a ``caption_not_utf8`` row
+    rather than text full of replacement characters."""
+    try:
+        caption = choose_caption(text.decode("utf-8-sig"), key, seed)
+    except UnicodeDecodeError as exc:
+        return _row(key, None, image, source, CAPTION_NOT_UTF8, f"caption is not UTF-8: {exc}")
+    return _row(key, caption, image, source)
+
+
 def _split_name(rel: str) -> tuple[str, str]:
     base, _, ext = rel.rpartition(".")
     return base, "." + ext.lower()
 
 
+def _folder_items(folder: str, files: list[str]) -> list[tuple[str, str | None, str | None, str | None]]:
+    """``(key, image_path, text_path, duplicate)`` per key, sorted by key, plus one item per file that lost its
+    key to another (keyed by its relative path, ``duplicate`` saying which file kept the key)."""
+    root = storage.filesystem(folder)[1].rstrip("/")
+    groups: dict[str, dict[str, list[tuple[str, str]]]] = {}
+    for path in files:
+        rel = storage.filesystem(path)[1][len(root) + 1:]
+        key, ext = _split_name(rel)
+        groups.setdefault(key, {"image": [], "text": []})["text" if ext == ".txt" else "image"].append((rel, path))
+    items = []
+    for key, found in groups.items():
+        found["image"].sort(key=lambda f: (IMAGE_SUFFIXES.index(_split_name(f[0])[1]), f[0]))
+        found["text"].sort()
+        image, text = (found[kind][0] if found[kind] else (None, None) for kind in ("image", "text"))
+        items.append((key, image[1], text[1], None))
+        for kind, kept in (("image", image), ("text", text)):
+            for rel, path in found[kind][1:]:
+                note = f"{rel} shares the key {key!r} with {kept[0]}, which is used"
+                items.append((rel, path, None, note) if kind == "image" else (rel, None, path, note))
+    return sorted(items, key=lambda item: item[0])
+
+
 def _folder_shard(spec: dict[str, Any]) -> dict[str, Any]:
-    """Ray Data map: writes one raw shard of a folder ingest from ``(key, image_path, text_path)`` items."""
+    """Ray Data map: writes one raw shard of a folder ingest from :func:`_folder_items` items."""
     rows = []
-    for key, image_path, text_path in spec["items"]:
+    for key, image_path, text_path, duplicate in spec["items"]:
         source = image_path or text_path
-        if image_path is None:
+        if duplicate is not None:
+            rows.append(_row(key, None, None, source, DUPLICATE_KEY, duplicate))
+        elif image_path is None:
             rows.append(_row(key, None, None, source, MISSING_IMAGE, f"{text_path} has no image beside it"))
-            continue
-        image = storage.read_bytes(image_path)
-        if text_path is None:
-            rows.append(_row(key, None, image, source, MISSING_CAPTION, f"no {key}.txt beside {image_path}"))
-            continue
-        caption = choose_caption(storage.read_bytes(text_path).decode("utf-8", errors="replace"), key, spec["seed"])
-        rows.append(_row(key, caption, image, source))
+        elif text_path is None:
+            rows.append(_row(key, None, storage.read_bytes(image_path), source, MISSING_CAPTION,
+                             f"no {key}.txt beside {image_path}"))
+        else:
+            rows.append(_pair_row(key, storage.read_bytes(image_path), storage.read_bytes(text_path), source,
+                                  spec["seed"]))
     storage.write_parquet(raw_table(rows), spec["path"])
     return {"path": spec["path"], "rows": len(rows)}
 
@@ -114,14 +146,9 @@ def ingest_folder(folder: str, output: str, config: IngestConfig) -> dict[str, i
     """A folder (searched recursively) of ``name.<image ext>`` + ``name.txt`` pairs into raw shards; keys are the
     paths relative to ``folder`` without extension. Returns counts by status."""
     files = storage.list_files(folder, IMAGE_SUFFIXES + (".txt",), recursive=True)
-    root = storage.filesystem(folder)[1].rstrip("/")
-    pairs: dict[str, dict[str, str]] = {}
-    for path in files:
-        key, ext = _split_name(storage.filesystem(path)[1][len(root) + 1:])
-        pairs.setdefault(key, {})["text" if ext == ".txt" else "image"] = path
-    if not pairs:
+    if not files:
         raise FileNotFoundError(f"no images or captions under {folder}")
-    items = [(key, p.get("image"), p.get("text")) for key, p in sorted(pairs.items())]
+    items = _folder_items(folder, files)
     step = config.samples_per_shard
     specs = [{"items": items[i:i + step], "seed": config.caption_seed,
               "path": storage.join(output, f"part-{i // step:05d}.parquet")} for i in range(0, len(items), step)]
@@ -151,8 +178,7 @@ def _tar_shard(spec: dict[str, Any]) -> dict[str, Any]:
         elif text is None:
             rows.append(_row(key, None, image, source, MISSING_CAPTION, f"no .txt member for {key}"))
         else:
-            caption = choose_caption(text.decode("utf-8", errors="replace"), key, spec["seed"])
-            rows.append(_row(key, caption, image, source))
+            rows.append(_pair_row(key, image, text, source, spec["seed"]))
     storage.write_parquet(raw_table(rows), spec["path"])
     return {"path": spec["path"], "rows": len(rows)}
 

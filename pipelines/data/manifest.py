@@ -8,7 +8,9 @@ Output of pretokenize (``<out>`` local or fsspec URL)::
     <out>/rejects/<input-stem>.parquet   key, source, reason, detail
 
 Manifest shard paths are relative to ``<out>``. The manifest is built from the finished files alone (their
-footers and reject reasons), so a resumed run counts the shards an earlier run wrote exactly like its own.
+footers and reject reasons), so a resumed run counts the shards an earlier run wrote exactly like its own. Each
+data file's footer also records the models that made it (:data:`MODELS_KEY`), so a rerun with other models can
+tell, even before any manifest exists, that it would mix two codebooks under one label.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ MANIFEST_NAME = "manifest.json"
 DATA_DIR = "data"
 REJECTS_DIR = "rejects"
 HISTOGRAM_KEY = b"dalle.codebook_histogram"  # per-shard code counts, in each data file's footer
+MODELS_KEY = b"dalle.models"  # the models (hashes, sizes) that made a data file, in its footer
 
 REJECT_SCHEMA = pa.schema([
     pa.field("key", pa.string()),

@@ -7,10 +7,14 @@ per raw shard as soon as all its rows are in.
 
 Why per raw shard: output names follow input names, every file is written whole (see :mod:`pipelines.storage`),
 and the data file goes last, so it marks its input as done. A rerun skips inputs whose data file is complete and
-redoes the rest: it finishes only the missing output and cannot duplicate a key. ``overwrite`` starts over.
+redoes the rest: it finishes only the missing output and cannot duplicate a key. ``overwrite`` starts over. Each
+data file records the models that made it; a rerun with other models (or another ``text_seq_len``) is refused
+rather than mixing two codebooks under the new manifest's label.
 
 Nothing is silently lost: a row either becomes a token row or a reject with a reason (upstream img2dataset
-failures keep their status as the reason: ``failed_to_download``, ``failed_to_resize``...).
+failures keep their status as the reason: ``failed_to_download``, ``failed_to_resize``...). Keys are unique in
+the output: a key found in several raw shards belongs to the first (by name), a key repeated within one shard to
+its first usable row (then by source and caption); every other copy is a ``duplicate_key`` reject.
 """
 
 from __future__ import annotations
@@ -32,22 +36,23 @@ from dalle_core.images import from_uint8
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
 from dalle_core.vae import DiscreteVAE
 from pipelines import storage
-from pipelines.config import PretokenizeConfig
+from pipelines.config import InputError, PretokenizeConfig
 from pipelines.data import manifest as mf
 from pipelines.data.images import load_picture
-from pipelines.data.raw import SUCCESS, list_raw_shards
+from pipelines.data.raw import DUPLICATE_KEY, SUCCESS, list_raw_shards
 from pipelines.data.shards import read_shards
 from pipelines.resources import encoder_actor_options
 
-REASONS = ("missing_image", "undecodable_image", "image_too_small", "empty_caption")
+REASONS = ("missing_image", "empty_image", "undecodable_image", "image_too_small", "image_too_large",
+           "empty_caption", "caption_unknown_tokens", DUPLICATE_KEY)  # besides upstream statuses
 _SHARD_COL = "__input__"  # which raw shard a row came from (the stem of its file name)
 _PIXELS_COL = "__pixels__"
 _REASON_COL = "__reason__"
 _DETAIL_COL = "__detail__"
 
 
-class PretokenizeError(RuntimeError):
-    """The job cannot produce any token shard (e.g. every input pair was rejected)."""
+class PretokenizeError(InputError):
+    """The input cannot be made into token shards (e.g. every input pair was rejected, a corrupt raw shard)."""
 
 
 def _column(batch: pa.Table, name: str) -> list[Any]:
@@ -55,28 +60,37 @@ def _column(batch: pa.Table, name: str) -> list[Any]:
 
 
 def preprocess_batch(batch: pa.Table, *, tokenizer: BPETokenizer, image_size: int, min_image_size: int,
-                     channels: int) -> pa.Table:
-    """Raw rows -> normalised caption, BPE ids, pixels (zeros for rejects) and a reject reason (or null)."""
+                     channels: int, duplicates: dict[str, dict[str, str]] | None = None) -> pa.Table:
+    """Raw rows -> normalised caption, BPE ids, pixels (zeros for rejects) and a reject reason (or null).
+
+    ``duplicates`` is :func:`cross_input_duplicates`' answer: the keys each input must leave to an earlier one."""
     n = batch.num_rows
     status, error = _column(batch, "status"), _column(batch, "error_message")
     sources = [s or u for s, u in zip(_column(batch, "source"), _column(batch, "url"), strict=True)]
     inputs = [storage.stem(p) for p in batch.column("path").to_pylist()]
+    keys = [k if k is not None else f"{inputs[i]}#{i}" for i, k in enumerate(_column(batch, "key"))]
     captions = [normalize_caption(c) if isinstance(c, str) else "" for c in _column(batch, "caption")]
     reasons: list[str | None] = [None] * n
     details: list[str | None] = [None] * n
     pixels = np.zeros((n, image_size * image_size * channels), dtype=np.uint8)
     for i, data in enumerate(_column(batch, "jpg")):
+        owner = (duplicates or {}).get(inputs[i], {}).get(keys[i])
         if status[i] is not None and status[i] != SUCCESS:
             reasons[i], details[i] = status[i], error[i]
-            continue
-        picture, reasons[i], details[i] = load_picture(data, image_size, min_image_size, channels)
-        if picture is not None:
-            pixels[i] = picture.reshape(-1)
+        elif owner is not None:
+            reasons[i], details[i] = DUPLICATE_KEY, f"the key is also in {owner}, which keeps it"
+        else:
+            picture, reasons[i], details[i] = load_picture(data, image_size, min_image_size, channels)
+            if picture is not None:
+                pixels[i] = picture.reshape(-1)
     ids = tokenizer.encode(captions)
     for i in range(n):
-        if reasons[i] is None and not ids[i]:
+        if reasons[i] is not None:
+            continue
+        if not ids[i]:
             reasons[i], details[i] = "empty_caption", "caption empty after normalisation"
-    keys = [k if k is not None else f"{inputs[i]}#{i}" for i, k in enumerate(_column(batch, "key"))]
+        elif not tokenizer.decode(ids[i]).strip():  # decode drops the unknown-token id
+            reasons[i], details[i] = "caption_unknown_tokens", "no character of the caption is in the vocabulary"
     return pa.table({
         "key": pa.array(keys, pa.string()),
         "caption": pa.array(captions, pa.string()),
@@ -136,11 +150,16 @@ class _Models:
 
     def records(self) -> dict[str, dict[str, Any]]:
         """What the manifest says of the two models (``build_manifest``'s keyword arguments)."""
+        return {"tokenizer": {"path": self.tokenizer_path, **self.identity()["tokenizer"]},
+                "vae": {"path": self.vae_path, **self.identity()["vae"]}}
+
+    def identity(self) -> dict[str, dict[str, Any]]:
+        """What decides a shard's content, whatever path the models were read from: each data file records it."""
         cfg, tok = self.vae.config, self.tokenizer
-        return {"tokenizer": {"path": self.tokenizer_path, "model_hash": tok.model_hash, "vocab_size": tok.vocab_size,
+        return {"tokenizer": {"model_hash": tok.model_hash, "vocab_size": tok.vocab_size,
                               "text_seq_len": tok.text_seq_len},
-                "vae": {"path": self.vae_path, "checkpoint_hash": self.vae_hash, "num_tokens": cfg.num_tokens,
-                        "image_size": cfg.image_size, "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len}}
+                "vae": {"checkpoint_hash": self.vae_hash, "num_tokens": cfg.num_tokens, "image_size": cfg.image_size,
+                        "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len}}
 
 
 def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Models:
@@ -149,14 +168,79 @@ def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Model
                    tokenizer_path, vae_path)
 
 
-def _is_done(output: str, stem: str) -> bool:
-    data, rejects = mf.shard_outputs(output, stem)
-    return storage.parquet_metadata(data) is not None and storage.parquet_metadata(rejects) is not None
+def _flat(identity: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return {f"{model}.{name}": value for model, fields in identity.items() for name, value in fields.items()}
 
 
-def _write_shard(output: str, stem: str, parts: list[pa.Table], image_seq_len: int, num_tokens: int) -> None:
-    """Writes one input's rejects, then its token rows (the completion marker), sorted by key."""
-    table = pa.concat_tables(parts).sort_by("key")
+def _check_identity(path: str, meta: Any, models: _Models) -> None:
+    """Refuses a finished data file that other models made: resuming over it would put its codes under this
+    run's manifest, which names other models."""
+    recorded = (meta.metadata or {}).get(mf.MODELS_KEY)
+    have = _flat(json.loads(recorded)) if recorded else {}
+    changed = [f"{name}={have.get(name, 'unrecorded')} there, {want} now"
+               for name, want in _flat(models.identity()).items() if have.get(name) != want]
+    if changed:
+        raise PretokenizeError(f"{path} was made with other models ({'; '.join(changed)}); finishing this output "
+                               "would mix their codes under one label: rerun with --overwrite (redoes every shard) "
+                               "or write to another --output")
+
+
+def _finished(output: str, stems: set[str], models: _Models) -> set[str]:
+    """The inputs whose data and rejects files are complete, after checking that every complete data file under
+    ``output`` (finished by any earlier run, with or without a manifest) was made by these models."""
+    data_dir = storage.join(output, mf.DATA_DIR)
+    done = set()
+    for path in storage.list_files(data_dir, (".parquet",)) if storage.exists(data_dir) else []:
+        meta = storage.parquet_metadata(path)
+        if meta is None:  # truncated: redone below
+            continue
+        _check_identity(path, meta, models)
+        stem = storage.stem(path)
+        if stem in stems and storage.parquet_metadata(mf.shard_outputs(output, stem)[1]) is not None:
+            done.add(stem)
+    return done
+
+
+def cross_input_duplicates(by_stem: dict[str, str]) -> dict[str, dict[str, str]]:
+    """``{input: {key: earlier input}}`` for the keys held by more than one raw shard: such a key belongs to the
+    first input (by name) and is a ``duplicate_key`` reject in the others. Reads only the key columns, with Arrow
+    on the driver (a few bytes per row), so every run decides the same way whichever shards it redoes."""
+    stems = sorted(by_stem)
+    parts = []
+    for index, stem in enumerate(stems):
+        if "key" in storage.parquet_columns(by_stem[stem]):
+            keys = storage.read_parquet(by_stem[stem], ["key"]).column("key").cast(pa.string())
+            parts.append(pa.table({"key": keys, "input": pa.array(np.full(len(keys), index, np.int32))}))
+    if not parts:
+        return {}
+    table = pa.concat_tables(parts)
+    pairs = table.filter(pc.is_valid(table.column("key"))).group_by(["key", "input"]).aggregate([])
+    later = pairs.join(pairs.group_by("key").aggregate([("input", "min")]), "key").filter(
+        pc.field("input") != pc.field("input_min"))
+    found: dict[str, dict[str, str]] = defaultdict(dict)
+    for key, index, owner in zip(*(later.column(c).to_pylist() for c in ("key", "input", "input_min")), strict=True):
+        found[stems[index]][key] = stems[owner]
+    return dict(found)
+
+
+def _mark_repeats(table: pa.Table) -> pa.Table:
+    """Sorts one input's rows by key (usable rows first, then by source and caption) and makes every later row
+    of a repeated key a ``duplicate_key`` reject, so the key stays unique and the choice is the same every run."""
+    table = table.sort_by([("key", "ascending", "at_end"), (_REASON_COL, "ascending", "at_start"),
+                           ("source", "ascending", "at_end"), ("caption", "ascending", "at_end")])
+    keys = table.column("key").to_pylist()
+    reasons, details = table.column(_REASON_COL).to_pylist(), table.column(_DETAIL_COL).to_pylist()
+    for i in range(1, len(keys)):
+        if reasons[i] is None and keys[i] == keys[i - 1]:
+            reasons[i], details[i] = DUPLICATE_KEY, "the key is on an earlier row of the same input, which keeps it"
+    for name, values in ((_REASON_COL, reasons), (_DETAIL_COL, details)):
+        table = table.set_column(table.schema.get_field_index(name), name, pa.array(values, pa.string()))
+    return table
+
+
+def _write_shard(output: str, stem: str, parts: list[pa.Table], models: _Models) -> None:
+    """Writes one input's rejects, then its token rows (the completion marker, recording the models), by key."""
+    table = _mark_repeats(pa.concat_tables(parts))
     bad = pc.is_valid(table.column(_REASON_COL))
     rejects = table.filter(bad)
     good = table.filter(pc.invert(bad))
@@ -165,11 +249,13 @@ def _write_shard(output: str, stem: str, parts: list[pa.Table], image_seq_len: i
         "key": rejects.column("key"), "source": rejects.column("source"),
         "reason": rejects.column(_REASON_COL), "detail": rejects.column(_DETAIL_COL),
     }, schema=mf.REJECT_SCHEMA), rejects_path)
-    schema = mf.token_schema(image_seq_len)
+    cfg = models.vae.config
+    schema = mf.token_schema(cfg.image_seq_len)
     codes = good.column("image_codes").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    histogram = np.bincount(codes.astype(np.int64), minlength=num_tokens).tolist()
+    histogram = np.bincount(codes.astype(np.int64), minlength=cfg.num_tokens).tolist()
     tokens = pa.table({name: good.column(name) for name in schema.names}, schema=schema)
-    tokens = tokens.replace_schema_metadata({mf.HISTOGRAM_KEY: json.dumps(histogram).encode()})
+    tokens = tokens.replace_schema_metadata({mf.HISTOGRAM_KEY: json.dumps(histogram).encode(),
+                                             mf.MODELS_KEY: json.dumps(models.identity()).encode()})
     storage.write_parquet(tokens, data_path)
 
 
@@ -190,7 +276,10 @@ def _clear(output: str) -> None:
 
 def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, text_seq_len: int,
                     config: PretokenizeConfig) -> dict[str, Any]:
-    """Runs the job (Ray must be reachable; ``ray.init`` is the caller's) and returns the end summary."""
+    """Runs the job (Ray must be reachable; ``ray.init`` is the caller's) and returns the end summary.
+
+    Raises :class:`PretokenizeError` when ``output`` holds shards other models made (unless
+    ``config.overwrite``, which clears ``output`` first) or when every pair is rejected."""
     start = time.perf_counter()
     inputs = list_raw_shards(raw)
     by_stem = {storage.stem(p): p for p in inputs}
@@ -201,11 +290,14 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
     for sub in (mf.DATA_DIR, mf.REJECTS_DIR):
         storage.remove_stale_temporaries(storage.join(output, sub))
     models = load_models(tokenizer_path, vae_path, text_seq_len)
-    todo = [s for s in by_stem if not _is_done(output, s)]
+    done = _finished(output, set(by_stem), models)
+    todo = [s for s in by_stem if s not in done]
     expected = {s: _num_rows(by_stem[s]) for s in todo}
     new_rows = 0
     if todo:
-        new_rows = _process(by_stem, todo, expected, output, models, config)
+        duplicates = cross_input_duplicates(by_stem)
+        new_rows = _process(by_stem, todo, expected, output, models, config,
+                            {s: keys for s, keys in duplicates.items() if s in expected})
     manifest = mf.build_manifest(output, sorted(by_stem), **models.records())
     elapsed = time.perf_counter() - start
     summary = {
@@ -223,7 +315,7 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
 
 
 def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int], output: str, models: _Models,
-             config: PretokenizeConfig) -> int:
+             config: PretokenizeConfig, duplicates: dict[str, dict[str, str]]) -> int:
     """Streams the unfinished inputs through Ray Data, writing each input's output once all its rows are in."""
     wanted = ["key", "caption", "url", "jpg", "status", "error_message", "source"]
     present = set(storage.parquet_columns(by_stem[todo[0]]))
@@ -235,7 +327,7 @@ def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int],
     ds = ds.select_columns([c for c in wanted if c in present] + ["path"])
     ds = ds.map_batches(preprocess_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
         "tokenizer": models.tokenizer, "image_size": cfg.image_size,
-        "min_image_size": config.min_image_size, "channels": cfg.channels})
+        "min_image_size": config.min_image_size, "channels": cfg.channels, "duplicates": duplicates})
     ds = ds.map_batches(
         DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
         **encoder_actor_options(config), fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
@@ -248,13 +340,13 @@ def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int],
             pending[stem].append(part)
             counts[stem] += part.num_rows
             if counts[stem] == expected[stem]:
-                _write_shard(output, stem, pending.pop(stem), cfg.image_seq_len, cfg.num_tokens)
+                _write_shard(output, stem, pending.pop(stem), models)
     # An input with no rows at all never shows up in the stream; a short one means rows went missing.
     for stem in todo:
         if counts[stem] != expected[stem]:
             raise PretokenizeError(f"{by_stem[stem]}: {expected[stem]} rows expected, {counts[stem]} seen")
         if expected[stem] == 0:
-            _write_shard(output, stem, [_empty_rows(cfg.image_seq_len)], cfg.image_seq_len, cfg.num_tokens)
+            _write_shard(output, stem, [_empty_rows(cfg.image_seq_len)], models)
     return sum(counts.values())
 
 

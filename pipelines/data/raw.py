@@ -16,6 +16,7 @@ import pyarrow as pa
 from pipelines import storage
 
 SUCCESS = "success"
+DUPLICATE_KEY = "duplicate_key"  # a status (folder ingest) and a reject reason (pretokenize): the key is used already
 
 RAW_FIELDS = [
     pa.field("key", pa.string()),

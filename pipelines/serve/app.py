@@ -8,6 +8,10 @@ Data actors meet in one sampling pass). Live use::
     serve run pipelines.serve.app:app_builder config=configs/tiny.yaml
     curl -s -X POST localhost:8000/ -d '{"prompt": "a small red circle on the left", "n": 8}'
 
+HTTP requests are checked whole (:func:`parse_request`) before any model work, and the ingress admits at most
+``evaluate.max_ongoing_requests`` at once with ``evaluate.max_queued_requests`` waiting: beyond that Serve's
+proxy answers 503 with ``Retry-After``, so overload costs neither a crash nor unbounded memory.
+
 The model maths lives in :mod:`dalle_core.sampling`; this module only wires it into Serve.
 """
 
@@ -16,12 +20,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import torch
 from ray import serve
 from ray.serve import Application
+from ray.serve.config import BackpressureConfig
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
@@ -43,6 +49,9 @@ from pipelines.config import Config, EvaluateConfig
 from pipelines.resources import deployment_actor_options
 
 GENERATOR, SCORER = "Generator", "Scorer"
+REQUEST_FIELDS = ("prompt", "n", "top", "format")
+FORMATS = ("json", "png")
+USAGE = 'POST {"prompt": "...", "n": 8, "top": 4, "format": "json"|"png"}'
 
 
 def _device(num_gpus: float) -> str:
@@ -132,19 +141,103 @@ class Scorer:
         return await asyncio.to_thread(self._run, requests)
 
 
+class RequestError(ValueError):
+    """An HTTP request refused before any model work; ``field`` names what is wrong with it."""
+
+    def __init__(self, field: str, detail: str, status_code: int = 400) -> None:
+        super().__init__(f"{field}: {detail}")
+        self.field, self.detail, self.status_code = field, detail, status_code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse({"status": "bad_request", "field": self.field, "detail": self.detail},
+                            status_code=self.status_code)
+
+
+@dataclass(frozen=True)
+class GenerateRequest:
+    """A checked HTTP request: ``1 <= top <= n <= max_candidates``, a prompt of bounded length."""
+
+    prompt: str
+    n: int
+    top: int
+    format: str
+
+
+def max_body_bytes(max_prompt_chars: int) -> int:
+    """The largest body a valid request can have: the longest prompt with every character JSON-escaped as a
+    surrogate pair (12 bytes), plus room for the other fields. Anything longer is refused unread."""
+    return 12 * max_prompt_chars + 1024
+
+
+def _count(body: dict[str, Any], name: str, default: int, maximum: int, bound_name: str) -> int:
+    if name not in body:
+        return default
+    value = body[name]
+    if type(value) is not int:  # bool is an int subclass; 2.0 and 2.7 are not counts
+        raise RequestError(name, f"must be an integer, got {value!r}")
+    if not 1 <= value <= maximum:
+        raise RequestError(name, f"must be in [1, {bound_name}={maximum}], got {value}")
+    return value
+
+
+def parse_request(raw: bytes, default_n: int, max_candidates: int, max_prompt_chars: int) -> GenerateRequest:
+    """The request body, checked whole so that no malformed value is silently replaced by a default or
+    truncated; raises :class:`RequestError` naming the first field at fault. An empty or unrepresentable
+    prompt passes: the prompt checker rejects it with its status (422), as the batch job records it."""
+    try:
+        body = json.loads(raw)
+    except (ValueError, RecursionError) as exc:  # UnicodeDecodeError is a ValueError; RecursionError: [[[[...
+        raise RequestError("body", f"not JSON ({type(exc).__name__})") from None
+    if not isinstance(body, dict):
+        raise RequestError("body", f"must be a JSON object, got {type(body).__name__}")
+    unknown = sorted(set(body) - set(REQUEST_FIELDS))
+    if unknown:
+        raise RequestError(unknown[0], f"unknown field; the fields are {', '.join(REQUEST_FIELDS)}")
+    if "prompt" not in body:
+        raise RequestError("prompt", "required")
+    prompt = body["prompt"]
+    if not isinstance(prompt, str):
+        raise RequestError("prompt", f"must be a string, got {type(prompt).__name__}")
+    if len(prompt) > max_prompt_chars:
+        raise RequestError("prompt", f"must be at most {max_prompt_chars} characters, got {len(prompt)}")
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError("prompt", "is not valid Unicode (a lone surrogate escape)") from None
+    n = _count(body, "n", default_n, max_candidates, "max_candidates")
+    top = _count(body, "top", n, n, "n")
+    fmt = body.get("format", "json")
+    if not isinstance(fmt, str) or fmt not in FORMATS:
+        raise RequestError("format", f"must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    return GenerateRequest(prompt, n, top, fmt)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, refused (413) as soon as more than ``limit`` bytes have arrived."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise RequestError("body", f"larger than {limit} bytes", status_code=413)
+    return bytes(body)
+
+
 @serve.deployment
 class DalleApp:
     """HTTP ingress: ``POST {"prompt": str, "n": int?, "top": int?, "format": "json"|"png"}`` returns the
     candidates ranked by CLIP (JSON with base64 PNGs and scores, or one PNG strip best first)."""
 
-    def __init__(self, generator: Any, scorer: Any, sampling: SamplingConfig) -> None:
+    def __init__(self, generator: Any, scorer: Any, sampling: SamplingConfig, max_candidates: int,
+                 max_prompt_chars: int) -> None:
         self.generator, self.scorer, self.sampling = generator, scorer, sampling
+        self.max_candidates, self.max_prompt_chars = max_candidates, max_prompt_chars
 
     async def rank(self, prompt: str, n: int | None = None) -> dict[str, Any]:
         """Generate, score and order the candidates of one prompt (also callable through the app handle)."""
+        n = self.sampling.num_candidates if n is None else n
         gen = await self.generator.generate.remote({"prompt": prompt, "key": prompt, "num_candidates": n})
         result = {"prompt": prompt, "status": gen["status"], "detail": gen["detail"], "seed": gen["seed"],
-                  "settings": dict(vars(self.sampling)), "candidates": []}
+                  "num_candidates": n, "settings": dict(vars(self.sampling), num_candidates=n), "candidates": []}
         if gen["images"] is None:
             return result
         scores = await self.scorer.score.remote({"text_ids": gen["text_ids"], "images": gen["images"]})
@@ -155,30 +248,28 @@ class DalleApp:
 
     async def __call__(self, request: Request) -> Response:
         if request.method != "POST":
-            return JSONResponse({"usage": 'POST {"prompt": "...", "n": 8, "top": 4, "format": "json"|"png"}'})
+            return JSONResponse({"usage": USAGE})
         try:
-            body = json.loads(await request.body() or b"{}")
-            prompt = body["prompt"]
-            n = int(body.get("n") or self.sampling.num_candidates)
-            top = int(body.get("top") or n)
-            fmt = body.get("format", "json")
-            if not 1 <= n <= 256 or top < 1 or fmt not in ("json", "png"):
-                raise ValueError("need 1 <= n <= 256, top >= 1 and format json or png")
-        except (KeyError, ValueError, TypeError) as exc:
-            return JSONResponse({"status": "bad_request", "detail": repr(exc)}, status_code=400)
-        result = await self.rank(prompt, n)
+            raw = await read_body(request, max_body_bytes(self.max_prompt_chars))
+            req = parse_request(raw, self.sampling.num_candidates, self.max_candidates, self.max_prompt_chars)
+        except RequestError as exc:
+            return exc.response()
+        result = await self.rank(req.prompt, req.n)
         if result["status"] != "ok":
             return JSONResponse({k: result[k] for k in ("prompt", "status", "detail")}, status_code=422)
-        best = result["candidates"][:top]
-        if fmt == "png":
-            return Response(png_bytes(make_grid([[c["image"] for c in best]])), media_type="image/png")
+        best = result["candidates"][: req.top]
+        if req.format == "png":
+            return Response(png_bytes(make_grid([[c["image"] for c in best]])), media_type="image/png",
+                            headers={"X-Num-Candidates": str(req.n)})
         for c in best:
             c["png_base64"] = base64.b64encode(png_bytes(c.pop("image"))).decode()
         return JSONResponse(dict(result, candidates=best))
 
 
 def build_app(config: Config, paths: ModelPaths) -> Application:
-    """The application graph with replica counts, CPUs/GPUs and batch sizes from ``config.evaluate``."""
+    """The application graph with replica counts, CPUs/GPUs, batch sizes and the HTTP limits from
+    ``config.evaluate``. Only the ingress has a queue limit: its ``max_ongoing_requests`` already bounds what
+    reaches the Generator and Scorer from HTTP, and the batch driver's handle calls must never be refused."""
     ev: EvaluateConfig = config.evaluate
     generator = Generator.options(
         num_replicas=ev.generator_replicas, max_ongoing_requests=ev.max_ongoing_requests,
@@ -189,7 +280,11 @@ def build_app(config: Config, paths: ModelPaths) -> Application:
         num_replicas=ev.scorer_replicas, max_ongoing_requests=ev.max_ongoing_requests,
         ray_actor_options=deployment_actor_options(ev.scorer_num_cpus, ev.scorer_num_gpus),
     ).bind(paths.clip, ev.scorer_max_batch_size, ev.batch_wait_timeout_s, ev.scorer_num_gpus)
-    return DalleApp.options(ray_actor_options=deployment_actor_options(0, 0)).bind(generator, scorer, config.sampling)
+    ingress = DalleApp.options(
+        max_ongoing_requests=ev.max_ongoing_requests, max_queued_requests=ev.max_queued_requests,
+        backpressure_config=BackpressureConfig(status_code=503, retry_after_s=ev.retry_after_s),
+        ray_actor_options=deployment_actor_options(0, 0))
+    return ingress.bind(generator, scorer, config.sampling, ev.max_candidates, ev.max_prompt_chars)
 
 
 def app_builder(args: dict[str, str]) -> Application:

@@ -222,9 +222,11 @@ def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.Da
 
 def run_evaluation(config: Config, paths: ModelPaths, output: str, prompts: list[dict[str, Any]]) -> dict[str, Any]:
     """Starts the Serve application, streams ``prompts`` through it with Ray Data, writes every output and
-    returns the metrics. Serve is shut down at the end, also on failure."""
+    returns the metrics. Serve is shut down at the end, also on failure. A missing model file raises
+    FileNotFoundError (naming every one) before anything starts."""
     from ray import serve
 
+    paths.require()
     ev = config.evaluate
     start = time.perf_counter()
     serve.start(http_options={"host": ev.http_host, "port": ev.http_port})

@@ -23,7 +23,7 @@ from dalle_core.images import from_uint8
 from dalle_core.metrics import chance_accuracy, encode_pairs, retrieval_accuracy
 from dalle_core.tokenizer import BPETokenizer, pad_text_ids
 from pipelines import artifacts, storage
-from pipelines.config import Config
+from pipelines.config import Config, InputError
 from pipelines.data.images import load_picture
 from pipelines.data.raw import SUCCESS, list_raw_shards
 from pipelines.data.shards import read_shards
@@ -125,7 +125,7 @@ def load_pairs(config: Config, raw: str, tokenizer: BPETokenizer) -> tuple[ray.d
     heldout = ds.filter(lambda row: bool(row["heldout"]))
     rows = heldout.take_batch(tc.eval_max_rows, batch_format="numpy") if heldout.count() else None
     if rows is None or len(rows["text_ids"]) < 2:
-        raise ValueError(f"train_clip.eval_fraction={tc.eval_fraction} leaves fewer than 2 held-out pairs in {raw}")
+        raise InputError(f"train_clip.eval_fraction={tc.eval_fraction} leaves fewer than 2 held-out pairs in {raw}")
     train = ds.filter(lambda row: not row["heldout"]).drop_columns(["heldout"])
     return train, {"text_ids": rows["text_ids"], "pixels": rows["pixels"]}
 
@@ -142,14 +142,15 @@ def train_clip(config: Config, *, raw: str, tokenizer_path: str, storage_path: s
     ``<output stem>_metrics.json``; returns those metrics."""
     tokenizer = BPETokenizer.load(tokenizer_path, config.tokenizer.text_seq_len)
     if tokenizer.vocab_size > config.clip.num_text_tokens:
-        raise ValueError(f"tokenizer vocab_size={tokenizer.vocab_size} > clip.num_text_tokens="
+        raise InputError(f"tokenizer vocab_size={tokenizer.vocab_size} > clip.num_text_tokens="
                          f"{config.clip.num_text_tokens}")
     train, heldout = load_pairs(config, raw, tokenizer)
+    train_pairs = train.count()
     trainer = build_trainer(config, config.train_clip, CLIPTask, dataset=train, storage_path=storage_path,
-                            run_name=run_name, task_kwargs={"heldout": heldout})
+                            run_name=run_name, rows=train_pairs, task_kwargs={"heldout": heldout})
     result = fit_and_publish(trainer, output)
     metrics = read_checkpoint_json(result, RETRIEVAL_FILE)
     metrics.update(checkpoint=output, run_dir=artifacts.run_dir(storage_path, run_name),
-                   train_pairs=train.count(), heldout_pairs=len(heldout["text_ids"]))
+                   train_pairs=train_pairs, heldout_pairs=len(heldout["text_ids"]))
     storage.write_json(metrics_path(output), metrics)
     return metrics

@@ -36,7 +36,7 @@ from pipelines import artifacts
 from pipelines.config import Config, TrainConfig
 from pipelines.data.manifest import check_manifest, read_manifest, shard_paths
 from pipelines.data.shards import read_shards
-from pipelines.train.runner import Progress, WorkerContext, build_trainer, fit_and_publish
+from pipelines.train.runner import Progress, WorkerContext, build_trainer, fit_and_publish, require_rows
 
 TOKEN_COLUMNS = ["text_ids", "image_codes"]  # string columns (key, caption, source) never reach the workers
 DS_TAG = "state"
@@ -176,10 +176,12 @@ class DalleTask:
 
 
 def load_checked_manifest(config: Config, shards_dir: str, manifest_path: str | None = None) -> dict[str, Any]:
-    """Reads the token shards' manifest and checks it against ``config.dalle`` (ConfigError naming the
-    field). Needs no Ray, so jobs call it before ``ray.init`` and a mismatch costs no cluster resources."""
+    """Reads the token shards' manifest and checks it against ``config.dalle`` and the size of one step
+    (errors name the field). Needs no Ray, so jobs call it before ``ray.init`` and a mismatch costs no cluster
+    resources."""
     manifest = read_manifest(manifest_path or shards_dir)
     check_manifest(manifest, config.dalle)
+    require_rows(config, config.train, manifest["num_rows"])
     return manifest
 
 
@@ -188,7 +190,7 @@ def build_dalle_trainer(config: Config, manifest: dict[str, Any], *, shards_dir:
     """The runner's TorchTrainer over the shards a checked manifest lists."""
     dataset = read_shards(shard_paths(manifest, shards_dir)).select_columns(TOKEN_COLUMNS)
     return build_trainer(config, config.train, DalleTask, dataset=dataset, storage_path=storage_path,
-                         run_name=run_name, job_start=job_start or time.time())
+                         run_name=run_name, rows=manifest["num_rows"], job_start=job_start or time.time())
 
 
 def train_dalle(config: Config, manifest: dict[str, Any], *, shards_dir: str, storage_path: str, run_name: str,

@@ -16,10 +16,12 @@ looks inside a batch or a model.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
 import shutil
+import signal
 import sys
 import tempfile
 import time
@@ -39,12 +41,15 @@ from ray.train.torch import TorchTrainer
 from dalle_core.checkpoint import load_model, save_model
 from dalle_core.train_utils import make_optimizer, make_scheduler, resolve_precision
 from pipelines import artifacts, storage
-from pipelines.config import Config, TrainerConfig
+from pipelines.cluster import report_resource_waits
+from pipelines.config import Config, InputError, TrainerConfig
 from pipelines.resources import worker_resources
 
 PROGRESS_FILE = "progress.json"
 OPTIMIZER_FILE = "optimizer.pt"  # optimiser + LR schedule of the trainers without DeepSpeed
-FAIL_ENV = "DALLE_TRAIN_FAIL_AT"  # test hook "STEP:RANK:MARKER": that rank's process dies once at STEP
+# Test hook "STEP:RANK:MARKER": that rank writes its pid to MARKER at STEP and stops there, for a test to kill it
+# from outside (SIGKILL, found through Ray's state API) at a known point of the run.
+PAUSE_ENV = "DALLE_TRAIN_PAUSE_AT"
 
 
 @dataclass
@@ -106,19 +111,37 @@ TaskBuilder = Callable[..., Task]
 # Driver side
 
 
+def section_name(config: Config, section: TrainerConfig) -> str:
+    """``train``, ``train_vae`` or ``train_clip``: the name the user's config gives ``section``."""
+    return next(f.name for f in dataclasses.fields(config) if getattr(config, f.name) is section)
+
+
+def require_rows(config: Config, section: TrainerConfig, rows: int) -> None:
+    """Refuses a data set too small for one step: every worker takes an equal share of the rows and trains on
+    full batches only, so a smaller set would fail inside every worker after the cluster was taken."""
+    name, need = section_name(config, section), section.batch_size * section.num_workers
+    if rows < need:
+        raise InputError(f"{name}.batch_size={section.batch_size} x {name}.num_workers={section.num_workers} needs "
+                         f"at least {need} training rows, but the data set has {rows}")
+
+
 def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilder, *, dataset: ray.data.Dataset,
-                  storage_path: str, run_name: str, task_kwargs: dict[str, Any] | None = None,
-                  job_start: float | None = None) -> TorchTrainer:
-    """The TorchTrainer for one run of ``build_task`` over ``dataset``; rerunning with the same ``storage_path``
-    and ``run_name`` resumes from the run's latest checkpoint."""
+                  storage_path: str, run_name: str, rows: int | None = None,
+                  task_kwargs: dict[str, Any] | None = None, job_start: float | None = None) -> TorchTrainer:
+    """The TorchTrainer for one run of ``build_task`` over ``dataset`` (``rows`` rows, when known without
+    reading it; counted here when the set is materialised); rerunning with the same ``storage_path`` and
+    ``run_name`` resumes from the run's latest checkpoint."""
     dataset.context.enable_progress_bars = False  # the runner prints its own progress, one line per log step
     if section.materialize:  # otherwise every epoch re-reads (and re-decodes) the input: seconds per epoch
         dataset = dataset.materialize()
+        rows = dataset.count()
+    if rows is not None:
+        require_rows(config, section, rows)
     store_fs, store_path = storage.arrow_filesystem(storage_path)
     loop_config = {
         "config": config, "section": section, "build_task": build_task, "task_kwargs": task_kwargs or {},
         "run_dir": artifacts.run_dir(storage_path, run_name), "job_start": job_start or time.time(),
-        "fail_at": os.environ.get(FAIL_ENV, ""),
+        "pause_at": os.environ.get(PAUSE_ENV, ""),
     }
     return TorchTrainer(
         train_worker,
@@ -141,11 +164,32 @@ def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilde
 
 
 def fit_and_publish(trainer: TorchTrainer, destination: str) -> Result:
-    """Runs the trainer to the end and publishes its last checkpoint's ``model.pt`` to ``destination``."""
-    result = trainer.fit()
+    """Runs the trainer to the end and publishes its last checkpoint's ``model.pt`` to ``destination``. Says what
+    it waits for while workers cannot start; Ctrl-C aborts the run (Ray Train's own graceful abort) and ends in
+    ``KeyboardInterrupt`` naming the checkpoint a rerun resumes from, never in a published half-trained model."""
+    loop_config = trainer.train_loop_config
+    max_steps = loop_config["section"].max_steps
+    handler = signal.getsignal(signal.SIGINT)
+    try:
+        with report_resource_waits(section_name(loop_config["config"], loop_config["section"])):
+            result = trainer.fit()
+    except SystemExit as exc:  # Ray Train's SIGINT handler exits once the aborted controller is gone
+        raise KeyboardInterrupt(f"rerun with the same run name to resume {_resumes_from(loop_config)}") from exc
+    finally:
+        signal.signal(signal.SIGINT, handler)  # Ray Train's handler would otherwise outlive the run
+    step = result.metrics.get("step", 0) if result.checkpoint is not None else 0
+    if step < max_steps:  # aborted without an exception: keep the checkpoint, publish nothing
+        raise KeyboardInterrupt(f"stopped at step {step} of {max_steps}; rerun with the same run name to resume "
+                                f"{_resumes_from(loop_config)}")
     with result.checkpoint.as_directory() as folder:
         artifacts.publish(folder, destination)
     return result
+
+
+def _resumes_from(loop_config: dict[str, Any]) -> str:
+    fs, root = storage.filesystem(loop_config["run_dir"])
+    found = sorted(fs.glob(f"{root}/{artifacts.CHECKPOINT_PREFIX}*"))
+    return f"from {os.path.basename(found[-1])}" if found else "from the start"
 
 
 def read_checkpoint_json(result: Result, name: str) -> dict[str, Any]:
@@ -279,18 +323,18 @@ class DDPTask:
                    os.path.join(folder, OPTIMIZER_FILE))
 
 
-def _fail_hook(spec: str, step: int, rank: int) -> None:
-    """Test hook: this worker process dies once at ``step`` (the marker file lets the retried attempt live)."""
+def _pause_hook(spec: str, step: int, rank: int) -> None:
+    """Test hook (:data:`PAUSE_ENV`): at ``step`` this rank writes its pid into the marker file and waits to be
+    killed from outside; a retried attempt finds the marker and runs on."""
     if not spec:
         return
     at_step, at_rank, marker = spec.split(":", 2)
     if step == int(at_step) and rank == int(at_rank) and not os.path.exists(marker):
-        open(marker, "w").close()
-        # A real crash rarely lands within one controller poll of the last checkpoint; without this pause the
-        # dying rank's queued checkpoint report is lost with it and the run would resume from an older one.
-        time.sleep(3.0)
-        log(f"rank {rank}: simulated crash at step {step}")
-        os._exit(1)
+        with open(marker + ".tmp", "w") as f:
+            f.write(str(os.getpid()))
+        os.replace(marker + ".tmp", marker)
+        log(f"rank {rank}: paused at step {step}, pid {os.getpid()}")
+        time.sleep(600)
 
 
 def _load(checkpoint: Checkpoint, task: Task, rank: int) -> Progress:
@@ -363,7 +407,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         if not stepped:
             continue
         progress.step, interval_steps = progress.step + 1, interval_steps + 1
-        _fail_hook(loop_config["fail_at"], progress.step, rank)
+        _pause_hook(loop_config["pause_at"], progress.step, rank)
         if first_step_after is None:  # throughput excludes start-up (data pipeline, first-call overheads)
             first_step_after = time.time() - loop_config["job_start"]
             interval_start, interval_steps = time.perf_counter(), 0

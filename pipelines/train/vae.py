@@ -123,8 +123,9 @@ def train_vae(config: Config, *, raw: str, storage_path: str, run_name: str, out
     dataset = read_shards(shards, columns=["jpg", "status"]).map_batches(
         decode_batch, fn_kwargs={"image_size": vae.image_size, "channels": vae.channels}, batch_format="numpy")
     where = artifacts.run_dir(storage_path, run_name)
+    rows = read_shards(shards, columns=["status"]).count()  # from the Parquet footers; rejects come off later
     trainer = build_trainer(config, config.train_vae, VAETask, dataset=dataset, storage_path=storage_path,
-                            run_name=run_name, task_kwargs={"run_dir": where})
+                            run_name=run_name, rows=rows, task_kwargs={"run_dir": where})
     result = fit_and_publish(trainer, output)
     reconstruction: dict = {}
     if has_ground_truth(shards[0]):  # the synthetic set: score what the codes keep
