@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python jobs/pretokenize.py --config configs/large.yaml \\
         --input s3://bucket/raw --output s3://bucket/shards --concurrency 8 --num-gpus-per-actor 1
 
-A rerun after an interruption finishes only the missing shards; --overwrite starts over. Exits 2 when every
-input pair was rejected (the reasons are printed and kept in <output>/rejects/).
+A rerun after an interruption finishes only the missing shards; a rerun into an output that other models (or
+another text_seq_len or image size) made is refused, naming both hashes; --overwrite starts over. Exits 2 when
+every input pair was rejected (the reasons are printed and kept in <output>/rejects/).
 """
 
 from __future__ import annotations
