@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# youtokentome 1.0.6 only builds with Cython already installed and without build isolation.
 	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
 	$(PY) -m pip install -q -e '.[dev]'
+	# Test-only references for the pretrained tokenizers, without their dependencies: DALL-E 0.1 pins nothing
+	# usable (it wants torchvision and mypy), taming-transformers would pull a Lightning its code cannot import.
+	$(PY) -m pip install -q --no-deps DALL-E==0.1 taming-transformers-rom1504==0.0.6
 	touch $(STAMP)
 
 setup: $(STAMP)

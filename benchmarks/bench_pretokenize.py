@@ -1,7 +1,12 @@
-"""Throughput of jobs/pretokenize on the synthetic set against the raw dVAE encoder (the limit), as JSON.
+"""Throughput of jobs/pretokenize on the synthetic set against the raw image-tokenizer encoder (the limit), as JSON.
 
     python benchmarks/bench_pretokenize.py                   # 10k pairs, tiny config's dVAE shape
     python benchmarks/bench_pretokenize.py --num-pairs 2000 --config configs/tiny.yaml
+    python benchmarks/bench_pretokenize.py --kinds all --image-size 256 --num-pairs 64   # every kind at 256 px
+
+``--kinds`` runs each image tokenizer at the released shape (random weights: speed does not depend on them):
+``DiscreteVAE`` as the config's ``vae`` section (``--image-size`` overrides its side), ``OpenAIDVAE`` as OpenAI's
+8192-code model (256 px -> 32x32), ``VQGAN`` as the f16/16384 model dalle-mini uses (256 px -> 16x16).
 
 ``job_pairs_per_s`` is the whole job (list, read, decode, tokenize, encode, write shards, rejects and
 manifest; Ray already up, the actors not) over its wall time; ``encoder_images_per_s`` is
@@ -22,17 +27,22 @@ import time
 import numpy as np
 import ray
 import torch
+from torch import nn
 
 from dalle_core.checkpoint import save_model
+from dalle_core.config import IMAGE_TOKENIZER_KINDS
+from dalle_core.image_tokenizer import ImageTokenizer
+from dalle_core.openai_dvae import OpenAIDVAE, OpenAIDVAEConfig
 from dalle_core.tokenizer import BPETokenizer
 from dalle_core.vae import DiscreteVAE
+from dalle_core.vqgan import VQGAN, VQGANConfig
 from pipelines.config import Config
 from pipelines.data.images import load_picture
 from pipelines.data.pretokenize import run_pretokenize
 from pipelines.data.synthetic import iter_samples, write_synthetic
 
 
-def encoder_rate(vae: DiscreteVAE, pictures: np.ndarray, batch_size: int) -> float:
+def encoder_rate(vae: ImageTokenizer, pictures: np.ndarray, batch_size: int) -> float:
     images = torch.from_numpy(pictures).permute(0, 3, 1, 2).float().div_(255)
     vae.get_codebook_indices(images[:batch_size])  # warm-up
     start = time.perf_counter()
@@ -41,49 +51,85 @@ def encoder_rate(vae: DiscreteVAE, pictures: np.ndarray, batch_size: int) -> flo
     return len(images) / (time.perf_counter() - start)
 
 
+def build_tokenizer(kind: str, config: Config) -> nn.Module:
+    """A random-weight tokenizer of ``kind`` at the released shape, at ``config.vae.image_size``."""
+    torch.manual_seed(0)
+    size = config.vae.image_size
+    if kind == "OpenAIDVAE":
+        return OpenAIDVAE(OpenAIDVAEConfig(image_size=size)).eval()
+    if kind == "VQGAN":
+        return VQGAN(VQGANConfig(resolution=size)).eval()
+    return DiscreteVAE(config.vae).eval()
+
+
+def bench_kind(kind: str, config: Config, raw: str, tmp: str, tokenizer_path: str, pictures: np.ndarray) -> dict:
+    vae = build_tokenizer(kind, config)
+    vae_path, out = f"{tmp}/{kind}.safetensors", f"{tmp}/shards-{kind}"
+    save_model(vae, vae_path)
+    encoder = encoder_rate(vae, pictures, config.pretokenize.batch_size)
+    summary = run_pretokenize(raw, out, tokenizer_path, vae_path, config.tokenizer.text_seq_len, config.pretokenize)
+    # The same job again with Ray's worker processes already started: what the fixed start-up costs.
+    config.pretokenize.overwrite = True
+    warm = run_pretokenize(raw, out, tokenizer_path, vae_path, config.tokenizer.text_seq_len, config.pretokenize)
+    config.pretokenize.overwrite = False
+    job = summary["pairs_out"] / summary["seconds"]
+    return {
+        "kind": kind, "image_seq_len": vae.image_seq_len, "num_tokens": vae.num_tokens,
+        "params": sum(p.numel() for p in vae.parameters()),
+        "job_seconds": summary["seconds"], "job_pairs_per_s": round(job, 2),
+        "job_warm_seconds": warm["seconds"], "job_warm_pairs_per_s": round(warm["pairs_out"] / warm["seconds"], 2),
+        "encoder_images_per_s": round(encoder, 2), "job_over_encoder": round(job / encoder, 3),
+        "job_warm_over_encoder": round(warm["pairs_out"] / warm["seconds"] / encoder, 3),
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="configs/tiny.yaml", help="vae, tokenizer and pretokenize sections")
     parser.add_argument("--num-pairs", type=int, default=10_000)
     parser.add_argument("--samples-per-shard", type=int, default=1000)
+    parser.add_argument("--kinds", default="DiscreteVAE",
+                        help=f"comma-separated image tokenizer kinds, or 'all' ({', '.join(IMAGE_TOKENIZER_KINDS)})")
+    parser.add_argument("--image-size", type=int, default=None, help="picture side (default: the config's vae)")
+    parser.add_argument("--output", default=None, help="also write the JSON here")
     args = parser.parse_args(argv)
-    config = Config.load(args.config if os.path.exists(args.config) else None, {
-        "synthetic.num_samples": args.num_pairs, "synthetic.samples_per_shard": args.samples_per_shard,
-        "synthetic.holdout_pairs": [], "synthetic.image_size": 32})
-    config.synthetic.image_size = config.vae.image_size
+    kinds = list(IMAGE_TOKENIZER_KINDS) if args.kinds == "all" else args.kinds.split(",")
+    unknown = sorted(set(kinds) - set(IMAGE_TOKENIZER_KINDS))
+    if unknown:
+        parser.error(f"--kinds: unknown {unknown}; expected some of {list(IMAGE_TOKENIZER_KINDS)} or 'all'")
+    overrides = {"synthetic.num_samples": args.num_pairs, "synthetic.samples_per_shard": args.samples_per_shard,
+                 "synthetic.holdout_pairs": [], "synthetic.image_size": 32}
+    if args.image_size:
+        overrides["vae.image_size"] = args.image_size
+    config = Config.load(args.config if os.path.exists(args.config) else None, overrides)
+    config.synthetic.image_size = size = config.vae.image_size
+    results = []
     with tempfile.TemporaryDirectory() as tmp:
-        raw, out = f"{tmp}/raw", f"{tmp}/shards"
+        raw = f"{tmp}/raw"
         write_synthetic(config.synthetic, raw)
         rows = list(iter_samples(config.synthetic))
-        tokenizer_path, vae_path = f"{tmp}/bpe.model", f"{tmp}/vae.pt"
+        tokenizer_path = f"{tmp}/bpe.model"
         BPETokenizer.train((r["caption"] for r in rows), tokenizer_path, config.tokenizer.vocab_size,
                            config.tokenizer.text_seq_len)
-        torch.manual_seed(0)
-        vae = DiscreteVAE(config.vae).eval()
-        save_model(vae, vae_path)
-        size = config.vae.image_size
         pictures = np.stack([load_picture(r["jpg"], size, 1)[0] for r in rows])
-        encoder = encoder_rate(vae, pictures, config.pretokenize.batch_size)
-
         ray.init(include_dashboard=False)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        summary = run_pretokenize(raw, out, tokenizer_path, vae_path, config.tokenizer.text_seq_len,
-                                  config.pretokenize)
-        # The same job again with Ray's worker processes already started: what the fixed start-up costs.
-        config.pretokenize.overwrite = True
-        warm = run_pretokenize(raw, out, tokenizer_path, vae_path, config.tokenizer.text_seq_len,
-                               config.pretokenize)
+        for kind in kinds:
+            print(f"{kind}: {len(rows)} pairs at {size} px", file=sys.stderr, flush=True)
+            results.append(bench_kind(kind, config, raw, tmp, tokenizer_path, pictures))
         ray.shutdown()
-    job = summary["pairs_out"] / summary["seconds"]
-    print(json.dumps({
-        "num_pairs": summary["pairs_out"], "image_size": size, "image_seq_len": config.vae.image_seq_len,
-        "batch_size": config.pretokenize.batch_size, "actors": config.pretokenize.concurrency,
-        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-        "job_seconds": summary["seconds"], "job_pairs_per_s": round(job, 1),
-        "job_warm_seconds": warm["seconds"], "job_warm_pairs_per_s": round(warm["pairs_out"] / warm["seconds"], 1),
-        "encoder_images_per_s": round(encoder, 1), "job_over_encoder": round(job / encoder, 3),
-        "load_average_1m": round(os.getloadavg()[0], 2),
-    }, indent=2))
+    report = {
+        "num_pairs": len(rows), "image_size": size, "batch_size": config.pretokenize.batch_size,
+        "actors": config.pretokenize.concurrency, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "dtype": "float32",
+        "kinds": results, "load_average_1m": round(os.getloadavg()[0], 2),
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text + "\n")
     return 0
 
 

@@ -2,9 +2,16 @@
 
 The reference saved bare state dicts (or pickled hyper-parameters beside them), so loading needed the
 constructor arguments from somewhere else. Here a checkpoint is ``{"kind", "config", "state_dict", "extra"}``
-and :func:`load_model` rebuilds the model from the file alone. Files are read with ``weights_only=True``,
-so ``extra`` must be plain data (numbers, strings, lists, dicts, tensors). Paths are local or any fsspec
-URL (``s3://bucket/key``).
+and :func:`load_model` rebuilds the model from the file alone, in one of two formats chosen by the file name:
+
+* ``*.safetensors`` (what the trainers publish and import_tokenizer writes): the weights as safetensors, with
+  kind, config and ``extra`` as JSON in its metadata. Loading runs no pickle at all and a local file is
+  memory-mapped, so a model moved between machines is safe to open and cheap to load.
+* anything else (``*.pt``, the format before safetensors): a ``torch.save`` of the dict, read with
+  ``weights_only=True``.
+
+Loading looks at the bytes, not the name, so a renamed file still loads. ``extra`` must be plain data (numbers,
+strings, lists, dicts; tensors only in ``.pt`` files). Paths are local or any fsspec URL (``s3://bucket/key``).
 """
 
 from __future__ import annotations
@@ -13,23 +20,32 @@ import dataclasses
 import hashlib
 import importlib
 import io
+import json
+import os
 from typing import Any
 
+import safetensors.torch
 import torch
 from torch import nn
 
 from dalle_core.config import from_dict, to_dict
 from dalle_core.io import read_bytes, write_bytes
 
-# kind -> (module, class name, config class name in dalle_core.config). Modules are imported lazily so that
-# loading a dVAE never imports the transformer and vice versa.
+# kind -> (module, class name, name of its config class in that module). Modules are imported lazily so that
+# loading a dVAE never imports the transformer and vice versa. The image tokenizers (DiscreteVAE, OpenAIDVAE,
+# VQGAN) share one interface: ``num_tokens``, ``image_size``, ``image_seq_len``, ``get_codebook_indices`` and
+# ``decode`` on pictures in [0, 1], each mapping pixels to its own range inside.
 MODEL_REGISTRY: dict[str, tuple[str, str, str]] = {
     "DiscreteVAE": ("dalle_core.vae", "DiscreteVAE", "VAEConfig"),
+    "OpenAIDVAE": ("dalle_core.openai_dvae", "OpenAIDVAE", "OpenAIDVAEConfig"),
+    "VQGAN": ("dalle_core.vqgan", "VQGAN", "VQGANConfig"),
     "CLIP": ("dalle_core.clip", "CLIP", "CLIPConfig"),
     "DALLE": ("dalle_core.dalle", "DALLE", "DALLEConfig"),
 }
 
 _PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
+SAFETENSORS_SUFFIX = ".safetensors"
+_FORMAT = "dalle-ray/1"  # metadata["format"] of our safetensors files, to tell them from other safetensors
 
 
 def _check_plain(value: Any, where: str) -> None:
@@ -66,26 +82,79 @@ def save_model(model: nn.Module, path: str, extra: dict | None = None) -> str:
         raise ValueError(f"cannot save {kind}: its .config must be a config dataclass, got {type(config).__name__}")
     extra = dict(extra or {})
     _check_plain(extra, "extra")
-    payload = {
-        "kind": kind,
-        "config": to_dict(config),
-        "state_dict": {k: v.detach().cpu() for k, v in model.state_dict().items()},
-        "extra": extra,
-    }
-    buffer = io.BytesIO()
-    torch.save(payload, buffer)
-    data = buffer.getvalue()
+    state = _own_storage({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    if path.endswith(SAFETENSORS_SUFFIX):
+        try:
+            metadata = {"format": _FORMAT, "kind": kind, "config": json.dumps(to_dict(config)),
+                        "extra": json.dumps(extra)}
+        except TypeError as exc:
+            raise TypeError(f"extra: {exc}; a {SAFETENSORS_SUFFIX} file keeps only JSON data beside its "
+                            "weights (use a .pt path for tensors)") from exc
+        data = safetensors.torch.save(state, metadata=metadata)
+    else:
+        buffer = io.BytesIO()
+        torch.save({"kind": kind, "config": to_dict(config), "state_dict": state, "extra": extra}, buffer)
+        data = buffer.getvalue()
     write_bytes(path, data)
     return hashlib.sha256(data).hexdigest()
 
 
+def _own_storage(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Tied weights share storage, which safetensors refuses to write: later names get a copy (tying is the
+    model's constructor's business; ``load_state_dict`` fills both)."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in state.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        shared = ident in seen or not value.is_contiguous()
+        out[key] = value.clone(memory_format=torch.contiguous_format) if shared else value
+        seen.add(ident)
+    return out
+
+
+def _is_safetensors(head: bytes) -> bool:
+    """safetensors: an 8-byte little-endian header length, then the JSON header (torch files start ``PK`` or
+    with a pickle opcode)."""
+    return len(head) >= 9 and head[8:9] == b"{"
+
+
+def _safetensors_payload(metadata: dict[str, str] | None, state: dict[str, torch.Tensor], where: str) -> dict:
+    if not metadata or metadata.get("format") != _FORMAT:
+        raise ValueError(f"{where}: a safetensors file, but not one of this project's self-describing "
+                         f"checkpoints (metadata format {(metadata or {}).get('format')!r}, expected {_FORMAT!r})")
+    try:
+        return {"kind": metadata["kind"], "config": json.loads(metadata["config"]), "state_dict": state,
+                "extra": json.loads(metadata.get("extra") or "{}")}
+    except (KeyError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{where}: unreadable checkpoint metadata ({exc!r})") from exc
+
+
 def load_model_with_extra(path: str, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
-    """Rebuilds the model saved at ``path`` (in eval mode) and returns it with the saved ``extra`` dict."""
+    """Rebuilds the model saved at ``path`` (in eval mode) and returns it with the saved ``extra`` dict. A local
+    safetensors file is memory-mapped rather than read into memory first."""
+    if "://" not in path and os.path.isfile(path):
+        with open(path, "rb") as f:
+            local_safetensors = _is_safetensors(f.read(9))
+        if local_safetensors:
+            try:
+                with safetensors.safe_open(path, framework="pt") as f:
+                    metadata, state = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+            except Exception as exc:
+                raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
+            return _model_from_payload(_safetensors_payload(metadata, state, path), map_location, path)
     return model_from_bytes(read_bytes(path), map_location, where=path)
 
 
 def model_from_bytes(data: bytes, map_location: Any = "cpu", where: str = "checkpoint") -> tuple[nn.Module, dict]:
     """What :func:`load_model_with_extra` does, from the file's bytes (a model shipped to Ray actors)."""
+    if _is_safetensors(data[:9]):
+        try:
+            header = json.loads(data[8 : 8 + int.from_bytes(data[:8], "little")])
+            state = safetensors.torch.load(data)
+        except Exception as exc:
+            raise ValueError(f"{where}: not a readable safetensors file ({exc})") from exc
+        return _model_from_payload(_safetensors_payload(header.get("__metadata__"), state, where), map_location,
+                                   where)
     try:
         payload = torch.load(io.BytesIO(data), map_location=map_location, weights_only=True)
     except Exception as exc:
@@ -93,12 +162,16 @@ def model_from_bytes(data: bytes, map_location: Any = "cpu", where: str = "check
     missing = {"kind", "config", "state_dict"} - set(payload if isinstance(payload, dict) else ())
     if missing:
         raise ValueError(f"{where}: not a self-describing checkpoint, missing {sorted(missing)}")
+    return _model_from_payload(payload, map_location, where)
+
+
+def _model_from_payload(payload: dict, map_location: Any, where: str) -> tuple[nn.Module, dict]:
     kind = payload["kind"]
     if kind not in MODEL_REGISTRY:
         raise ValueError(f"{where}: unknown model kind {kind!r}, expected one of {sorted(MODEL_REGISTRY)}")
     module_name, class_name, config_name = MODEL_REGISTRY[kind]
-    config_cls = getattr(importlib.import_module("dalle_core.config"), config_name)
-    model_cls = getattr(importlib.import_module(module_name), class_name)
+    module = importlib.import_module(module_name)
+    config_cls, model_cls = getattr(module, config_name), getattr(module, class_name)
     config = from_dict(config_cls, payload["config"], kind)
     model = model_cls(config)
     model.load_state_dict(payload["state_dict"])

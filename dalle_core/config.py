@@ -88,10 +88,21 @@ class TokenizerConfig(Section):
     model_path: str = ""
 
 
+# The image tokenizers a checkpoint at ``paths.vae`` may hold: ours (trained by jobs/train_vae.py) and the two
+# the field released, imported once with jobs/import_tokenizer.py.
+IMAGE_TOKENIZER_KINDS = ("DiscreteVAE", "OpenAIDVAE", "VQGAN")
+
+
 @dataclass
 class VAEConfig(Section):
-    """Discrete VAE (stage one): ``image_size / 2**num_layers`` codes per side."""
+    """The image tokenizer (stage one): ``image_size / 2**num_layers`` codes per side.
 
+    ``kind`` names what ``paths.vae`` holds. For ``DiscreteVAE`` every field describes the model jobs/train_vae.py
+    trains; for an imported tokenizer only ``kind``, ``image_size``, ``num_tokens``, ``num_layers`` (its
+    downsamplings: 3 for OpenAI's dVAE, 4 for a VQGAN f16) and ``channels`` matter, and pretokenize checks them
+    against the file."""
+
+    kind: str = bound("DiscreteVAE", choices=IMAGE_TOKENIZER_KINDS)
     image_size: int = 32
     num_tokens: int = bound(64, ge=2, le=65535)
     codebook_dim: int = bound(64, ge=1)

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dalle_core.config import VAEConfig
+from dalle_core.config import VAEConfig, check
+from dalle_core.image_tokenizer import ImageTokenizer
 
 
 class ResBlock(nn.Module):
@@ -50,12 +51,14 @@ class VAELoss(NamedTuple):
     codes: Tensor  # [B, image_seq_len] argmax codes of this pass (what get_codebook_indices would return)
 
 
-class DiscreteVAE(nn.Module):
+class DiscreteVAE(ImageTokenizer):
     """Stage-one image tokenizer; ``config.image_seq_len`` codes per image, ids in ``[0, num_tokens)``."""
 
     def __init__(self, config: VAEConfig) -> None:
         super().__init__()
         config.validate()
+        check(config.kind == "DiscreteVAE", "vae.kind", f"is {config.kind}: that tokenizer is imported with "
+              "jobs/import_tokenizer.py and loaded from paths.vae, never built or trained here")
         self.config = config
         hidden, layers = config.hidden_dim, config.num_layers
         has_res = config.num_resnet_blocks > 0
@@ -83,56 +86,23 @@ class DiscreteVAE(nn.Module):
         self.decoder = nn.Sequential(*dec)
 
     @property
-    def num_tokens(self) -> int:
-        return self.config.num_tokens
-
-    @property
-    def image_size(self) -> int:
-        return self.config.image_size
-
-    @property
-    def image_seq_len(self) -> int:
-        return self.config.image_seq_len
-
-    def _check_images(self, images: Tensor) -> None:
-        c, size = self.config.channels, self.config.image_size
-        if images.dim() != 4 or tuple(images.shape[1:]) != (c, size, size):
-            raise ValueError(f"images must be [B, {c}, {size}, {size}], got {tuple(images.shape)}")
+    def pixel_range(self) -> str:
+        return "minus1_1"
 
     def logits(self, images: Tensor) -> Tensor:
         """Per-cell code logits ``[B, num_tokens, fmap, fmap]`` for images in [0, 1]."""
         self._check_images(images)
         return self.encoder(images * 2 - 1)
 
-    @torch.no_grad()
-    def get_codebook_indices(self, images: Tensor) -> torch.LongTensor:
-        """Hard codes ``[B, image_seq_len]`` (row-major), the argmax per cell, computed in eval mode."""
-        was_training = self.training
-        self.eval()
-        try:
-            return self.logits(images).argmax(dim=1).flatten(1)
-        finally:
-            self.train(was_training)
-
-    @torch.no_grad()
-    def reconstruct(self, images: Tensor) -> Tensor:
-        """``decode(get_codebook_indices(images))``: exactly what DALLE's image tokens can express."""
-        return self.decode(self.get_codebook_indices(images))
+    def encode_grid(self, images: Tensor) -> Tensor:
+        return self.logits(images).argmax(dim=1)
 
     def _decode_embeds(self, embeds: Tensor) -> Tensor:
         """Decoder output mapped back from [-1, 1] to [0, 1] (unclamped)."""
         return (self.decoder(embeds) + 1) / 2
 
-    def decode(self, codes: Tensor) -> Tensor:
-        """Images ``[B, C, H, W]`` in [0, 1] (clamped) from codes ``[B, image_seq_len]``."""
-        n, fmap = self.config.image_seq_len, self.config.fmap_size
-        if codes.dim() != 2 or codes.shape[1] != n:
-            raise ValueError(f"codes must be [B, {n}], got {tuple(codes.shape)}")
-        if codes.numel() and (codes.min() < 0 or codes.max() >= self.num_tokens):
-            raise ValueError(f"codes must lie in [0, {self.num_tokens}), got [{int(codes.min())}, "
-                             f"{int(codes.max())}]")
-        embeds = self.codebook(codes.long()).view(codes.shape[0], fmap, fmap, -1).permute(0, 3, 1, 2)
-        return self._decode_embeds(embeds).clamp(0, 1)
+    def decode_grid(self, codes: Tensor) -> Tensor:
+        return self._decode_embeds(self.codebook(codes).permute(0, 3, 1, 2))
 
     def compute_loss(self, images: Tensor, temp: float | None = None) -> VAELoss:
         """One gumbel-softmax pass returning total, reconstruction and KL-to-uniform losses."""

@@ -19,7 +19,6 @@ from pipelines.resources import JOBS, plan_resources
 
 
 @job_entry("dry_run")
-@job_entry("dry_run")
 def main(argv: list[str] | None = None) -> int:
     parser = job_parser(__doc__, uses_ray=False)
     parser.add_argument("--job", required=True, choices=JOBS)

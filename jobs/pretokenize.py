@@ -1,4 +1,4 @@
-"""Raw shards -> token shards + manifest.json + rejects/ with Ray Data and the frozen dVAE.
+"""Raw shards -> token shards + manifest.json + rejects/ with Ray Data and the frozen image tokenizer (paths.vae).
 
     python jobs/pretokenize.py --config configs/tiny.yaml       # paths.raw -> paths.shards
     ray job submit --working-dir . -- python jobs/pretokenize.py --config configs/large.yaml \\
@@ -25,7 +25,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", default=None, help="raw shard folder, local or s3:// (paths.raw)")
     parser.add_argument("--output", default=None, help="token shard folder, local or s3:// (paths.shards)")
     parser.add_argument("--tokenizer", default=None, help="BPE model (paths.tokenizer)")
-    parser.add_argument("--vae", default=None, help="dVAE checkpoint (paths.vae)")
+    parser.add_argument("--vae", default=None, help="image tokenizer checkpoint (paths.vae): ours or imported")
     parser.add_argument("--batch-size", type=int, default=None, help="pretokenize.batch_size")
     parser.add_argument("--concurrency", type=int, default=None, help="pretokenize.concurrency (dVAE actors)")
     parser.add_argument("--num-gpus-per-actor", type=float, default=None, help="pretokenize.num_gpus_per_actor")
@@ -38,7 +38,7 @@ def main(argv: list[str] | None = None) -> int:
     connect_ray(args.address, plan_resources("pretokenize", config))
     summary = run_pretokenize(args.input or paths.raw, args.output or paths.shards,
                               args.tokenizer or paths.tokenizer, args.vae or paths.vae,
-                              config.tokenizer.text_seq_len, config.pretokenize)
+                              config.tokenizer.text_seq_len, config.pretokenize, config.vae)
     print(json.dumps(summary, indent=2))
     return 0
 

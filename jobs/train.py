@@ -5,7 +5,8 @@
 
 The manifest is checked against the model config before Ray is touched. Rerunning with the same
 ``--storage-path`` and ``--run-name`` resumes from the latest checkpoint. The final weights are published to
-``--output`` (``paths.dalle``), which generation and evaluation load.
+``--output`` (``paths.dalle``), which generation and evaluation load. ``--init-from DALLE.safetensors`` fine-tunes:
+a new run name starting from a published DALLE's weights (fresh optimizer and schedule; ``--lr`` sets its rate).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pipelines import artifacts
 from pipelines.cli import add_trainer_flags, connect_ray, job_entry, job_parser, load_job_config, trainer_overrides
 from pipelines.resources import plan_resources
 from pipelines.train.dalle import load_checked_manifest, train_dalle
+from pipelines.train.finetune import check_init_from
 
 
 @job_entry("train")
@@ -35,6 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     shards = args.shards or paths.shards
     manifest = load_checked_manifest(config, shards, args.manifest)
     storage_path, name, output = args.storage_path or paths.runs, config.train.run_name, args.output or paths.dalle
+    check_init_from(config, config.train, storage_path=storage_path, run_name=name, manifest=manifest)
 
     # workers set DS_ACCELERATOR themselves before importing DeepSpeed
     connect_ray(args.address, plan_resources("train", config))

@@ -5,8 +5,9 @@
 
 Checkpoints, metrics.jsonl, TensorBoard and reconstruction grids (samples/*.png) go to
 <storage-path>/<run-name>; the final self-describing dVAE is published to --output (paths.vae). Rerunning with
-the same run name resumes. On the synthetic set, reconstruction.json in the run directory says how often
-decode(encode(x)) keeps colour and shape (the checker, on fresh pictures).
+the same run name resumes; ``--init-from VAE.safetensors`` with a new run name fine-tunes a published dVAE. On the
+synthetic set, reconstruction.json in the run directory says how often decode(encode(x)) keeps colour and shape
+(the checker, on fresh pictures).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from pipelines import artifacts
 from pipelines.cli import add_trainer_flags, connect_ray, job_entry, job_parser, load_job_config, trainer_overrides
 from pipelines.data.raw import list_raw_shards
 from pipelines.resources import plan_resources
+from pipelines.train.finetune import check_init_from
 from pipelines.train.vae import train_vae
 
 
@@ -30,8 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     config = load_job_config(args.config, trainer_overrides(args, "train_vae"))
     paths = config.paths.resolved()
     raw = args.input or paths.raw
-    list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
     storage_path, name, output = args.storage_path or paths.runs, config.train_vae.run_name, args.output or paths.vae
+    check_init_from(config, config.train_vae, storage_path=storage_path, run_name=name)
+    list_raw_shards(raw)  # fail before Ray starts when there is nothing to train on
 
     connect_ray(args.address, plan_resources("train_vae", config))
     result, reconstruction = train_vae(config, raw=raw, storage_path=storage_path, run_name=name, output=output)

@@ -1,7 +1,7 @@
 """Where trained models live: run directories, the checkpoints in them, and the one published file per model.
 
-Every trainer writes its self-describing weights as ``model.pt`` inside each Ray Train checkpoint; when a run
-ends, the driver publishes the last one to the path named in ``paths`` (``paths.vae``, ``paths.dalle``,
+Every trainer writes its self-describing weights as ``model.safetensors`` inside each Ray Train checkpoint; when a
+run ends, the driver publishes the last one to the path named in ``paths`` (``paths.vae``, ``paths.dalle``,
 ``paths.clip``). Later stages load only the published files, so none of them knows Ray Train's folder layout.
 """
 
@@ -9,11 +9,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from dalle_core.checkpoint import SAFETENSORS_SUFFIX, load_model_with_extra, save_model
 from dalle_core.io import exists, read_bytes, write_bytes
 from pipelines import storage
 from pipelines.config import Config
 
-MODEL_FILE = "model.pt"  # self-describing weights (dalle_core.checkpoint) inside every trainer's checkpoint
+MODEL_FILE = "model.safetensors"  # self-describing weights (dalle_core.checkpoint) in every trainer's checkpoint
+LEGACY_MODEL_FILE = "model.pt"  # what checkpoints held before safetensors; still found and loaded
 CHECKPOINT_PREFIX = "checkpoint_step_"
 
 
@@ -28,18 +30,25 @@ def checkpoint_name(step: int) -> str:
 
 
 def latest_checkpoint(runs_dir: str, run_name: str) -> str:
-    """The ``model.pt`` of the newest checkpoint of a run (local path or URL)."""
+    """The model file of the newest checkpoint of a run (local path or URL)."""
     where = run_dir(runs_dir, run_name)
     fs, root = storage.filesystem(where)
-    found = sorted(fs.glob(f"{root}/{CHECKPOINT_PREFIX}*/{MODEL_FILE}"))
+    found = sorted(fs.glob(f"{root}/{CHECKPOINT_PREFIX}*/{MODEL_FILE}")
+                   + fs.glob(f"{root}/{CHECKPOINT_PREFIX}*/{LEGACY_MODEL_FILE}"))
     if not found:
         raise FileNotFoundError(f"no checkpoint ({MODEL_FILE}) under {where}; train first or pass --checkpoint")
     return found[-1] if storage.is_local(where) else fs.unstrip_protocol(found[-1])
 
 
 def publish(checkpoint_dir: str, destination: str) -> str:
-    """Copies a checkpoint's ``model.pt`` to ``destination`` (atomically); returns ``destination``."""
-    write_bytes(destination, read_bytes(storage.join(checkpoint_dir, MODEL_FILE)))
+    """Copies a checkpoint's model file to ``destination`` (atomically); returns ``destination``. A destination
+    not named ``*.safetensors`` gets the same model in the older ``torch.save`` format its name asks for."""
+    source = storage.join(checkpoint_dir, MODEL_FILE)
+    if destination.endswith(SAFETENSORS_SUFFIX):
+        write_bytes(destination, read_bytes(source))
+    else:
+        model, extra = load_model_with_extra(source)
+        save_model(model, destination, extra=extra)
     return destination
 
 

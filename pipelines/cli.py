@@ -39,12 +39,15 @@ def add_trainer_flags(parser: argparse.ArgumentParser, section: str, publishes: 
     parser.add_argument("--num-workers", type=int, help=f"{section}.num_workers")
     parser.add_argument("--max-steps", type=int, help=f"{section}.max_steps")
     parser.add_argument("--batch-size", type=int, help=f"{section}.batch_size (per worker)")
+    parser.add_argument("--init-from", help=f"fine-tune: start from this published model ({section}.init_from)")
+    parser.add_argument("--lr", type=float, help=f"peak learning rate ({section}.optim.lr)")
 
 
 def trainer_overrides(args: argparse.Namespace, section: str) -> dict[str, Any]:
     """The config overrides of :func:`add_trainer_flags`' flags."""
     return {f"{section}.run_name": args.run_name, f"{section}.num_workers": args.num_workers,
-            f"{section}.max_steps": args.max_steps, f"{section}.batch_size": args.batch_size}
+            f"{section}.max_steps": args.max_steps, f"{section}.batch_size": args.batch_size,
+            f"{section}.init_from": args.init_from, f"{section}.optim.lr": args.lr}
 
 
 def load_job_config(path: str, flags: dict[str, Any]) -> Config:

@@ -65,11 +65,11 @@ class PathsConfig(Section):
         defaults = {
             "raw": f"{root}/raw",
             "tokenizer": f"{root}/tokenizer/bpe.model",
-            "vae": f"{root}/vae/vae.pt",
+            "vae": f"{root}/vae/vae.safetensors",
             "shards": f"{root}/shards",
             "runs": f"{root}/runs",
-            "dalle": f"{root}/dalle/dalle.pt",
-            "clip": f"{root}/clip/clip.pt",
+            "dalle": f"{root}/dalle/dalle.safetensors",
+            "clip": f"{root}/clip/clip.safetensors",
             "evaluation": f"{root}/evaluation",
         }
         return dataclasses.replace(self, **{k: getattr(self, k) or v for k, v in defaults.items()})
@@ -89,6 +89,9 @@ class TrainerConfig(Section):
     placement_strategy: str = bound("PACK", choices=PLACEMENT_STRATEGIES)
     max_failures: int = bound(0, ge=-1)  # -1 retries forever
     run_name: str = bound("run", nonempty=True)
+    # A fine-tune: a published model (.safetensors or .pt, local or s3://) whose weights replace the seeded init at
+    # step 0; optimiser, LR schedule and step count start fresh. A run that has a checkpoint resumes from it instead.
+    init_from: str = ""
     seed: int = 0
     precision: str = bound("fp32", choices=PRECISIONS)
     batch_size: int = bound(32, ge=1)

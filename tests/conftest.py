@@ -152,3 +152,13 @@ def sigkill_paused_worker(marker: Path, settle_s: float = 3.0, timeout_s: float 
     if errors:
         raise errors[0]
     assert killed, "no worker was killed"
+
+
+class RunsCodeWhenUnpickled:
+    """A pickle that writes ``marker`` when loaded by a plain unpickler: what a restricted one must refuse."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)

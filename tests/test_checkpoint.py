@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -22,10 +23,11 @@ CLIP_CONFIG = CLIPConfig(num_text_tokens=40, text_seq_len=5, image_size=16, patc
                          dim_image=16, dim_latent=8, text_depth=1, image_depth=1, heads=2)
 
 
-def test_dvae_round_trip_without_constructor_args(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".safetensors", ".pt"])
+def test_dvae_round_trip_without_constructor_args(tmp_path: Path, suffix: str) -> None:
     torch.manual_seed(0)
     model = DiscreteVAE(VAE_CONFIG)
-    path = tmp_path / "deep" / "dir" / "vae.pt"  # parent folders are created
+    path = tmp_path / "deep" / "dir" / f"vae{suffix}"  # parent folders are created
     digest = save_model(model, str(path), extra={"step": 7, "history": [0.5, 0.25], "note": "tiny"})
     assert digest == file_sha256(str(path)) == hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -38,6 +40,34 @@ def test_dvae_round_trip_without_constructor_args(tmp_path: Path) -> None:
     assert torch.equal(loaded.get_codebook_indices(images), codes)
     assert torch.equal(loaded.decode(codes), model.decode(codes))
     assert list(tmp_path.joinpath("deep", "dir").iterdir()) == [path]  # no temporary file left behind
+    assert path.read_bytes()[:2] != b"PK" if suffix == ".safetensors" else path.read_bytes()[:2] == b"PK"
+
+
+def test_safetensors_format(tmp_path: Path) -> None:
+    """Config and extra live in the header (readable with safetensors alone); a renamed file still loads."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = DiscreteVAE(VAE_CONFIG)
+    path = tmp_path / "vae.safetensors"
+    save_model(model, str(path), extra={"step": 3})
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+        assert set(f.keys()) == set(model.state_dict())
+    assert meta["kind"] == "DiscreteVAE" and json.loads(meta["config"])["num_tokens"] == 24
+    renamed = tmp_path / "vae.pt"
+    renamed.write_bytes(path.read_bytes())
+    loaded, extra = load_model_with_extra(str(renamed))
+    assert extra == {"step": 3} and torch.equal(loaded.codebook.weight, model.codebook.weight)
+    with pytest.raises(TypeError, match="only JSON data"):
+        save_model(model, str(tmp_path / "t.safetensors"), extra={"probe": torch.zeros(2)})
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "foreign.safetensors"))
+    with pytest.raises(ValueError, match="not one of this project's self-describing checkpoints"):
+        load_model(str(tmp_path / "foreign.safetensors"))
+    (tmp_path / "cut.safetensors").write_bytes(path.read_bytes()[:200])
+    with pytest.raises(ValueError, match="not a readable safetensors file"):
+        load_model(str(tmp_path / "cut.safetensors"))
 
 
 def test_clip_round_trip_and_wrapped_models(tmp_path: Path) -> None:
@@ -92,13 +122,14 @@ def test_dalle_kind_round_trip(tmp_path: Path) -> None:
                          depth=2, heads=2, dim_head=16, attn_types=["full", "axial_row"])
     torch.manual_seed(0)
     model = DALLE(config).eval()
-    path = str(tmp_path / "dalle.pt")
-    save_model(model, path)
-    loaded = load_model(path)
-    assert isinstance(loaded, DALLE) and loaded.config == config
     text = torch.tensor([[5, 7, 0, 0, 0, 0]])
     codes = torch.randint(0, 20, (1, 9))
-    assert torch.equal(loaded(text, codes), model(text, codes))
+    for name in ("dalle.pt", "dalle.safetensors"):
+        path = str(tmp_path / name)
+        save_model(model, path)
+        loaded = load_model(path)
+        assert isinstance(loaded, DALLE) and loaded.config == config
+        assert torch.equal(loaded(text, codes), model(text, codes))
 
 
 def test_fsspec_urls_take_the_remote_branch() -> None:
@@ -107,10 +138,11 @@ def test_fsspec_urls_take_the_remote_branch() -> None:
 
     torch.manual_seed(0)
     model = DiscreteVAE(VAE_CONFIG)
-    digest = save_model(model, "memory://ckpt/vae.pt", extra={"step": 1})
-    assert file_sha256("memory://ckpt/vae.pt") == digest
-    loaded, extra = load_model_with_extra("memory://ckpt/vae.pt")
-    assert extra == {"step": 1} and torch.equal(loaded.codebook.weight, model.codebook.weight)
+    for url in ("memory://ckpt/vae.pt", "memory://ckpt/vae.safetensors"):
+        digest = save_model(model, url, extra={"step": 1})
+        assert file_sha256(url) == digest
+        loaded, extra = load_model_with_extra(url)
+        assert extra == {"step": 1} and torch.equal(loaded.codebook.weight, model.codebook.weight)
 
     tok = BPETokenizer.train(["a red square", "a blue circle"] * 5, "memory://tok/bpe.model", 32, 8)
     again = BPETokenizer.load("memory://tok/bpe.model", text_seq_len=8)

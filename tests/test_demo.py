@@ -42,7 +42,7 @@ def test_demo_runs_the_whole_chain_and_writes_every_artifact(tmp_path):
     out = tmp_path / "out"
     assert sorted((out / "raw").glob("part-*.parquet")) and sorted((out / "raw" / "holdout").glob("*.parquet"))
     assert (out / "tokenizer" / "bpe.model").exists()
-    assert (out / "vae" / "vae.pt").exists()
+    assert (out / "vae" / "vae.safetensors").exists()
     reconstruction = json.loads((out / "runs" / "vae" / "reconstruction.json").read_text())
     assert reconstruction["all"]["n"] == reconstruction["seen"]["n"] + reconstruction["heldout"]["n"]
     manifest = json.loads((out / "shards" / "manifest.json").read_text())
@@ -50,8 +50,8 @@ def test_demo_runs_the_whole_chain_and_writes_every_artifact(tmp_path):
     assert rows == sum(pq.read_metadata(p).num_rows for p in (out / "raw").glob("part-*.parquet"))
     run = out / "runs" / "dalle"
     assert (run / "metrics.jsonl").exists()
-    assert (run / "checkpoint_step_00000004" / "model.pt").exists()
-    assert (out / "clip" / "clip.pt").exists()
+    assert (run / "checkpoint_step_00000004" / "model.safetensors").exists()
+    assert (out / "clip" / "clip.safetensors").exists()
 
     evaluation = out / "evaluation"
     for name in ("grid.png", "results.parquet", "metrics.json", "report.html"):

@@ -70,7 +70,8 @@ def test_same_seed_same_pictures_and_scores_rank_candidates(config):
 
 
 def test_latest_checkpoint_picks_the_highest_step(config, tmp_path):
-    assert latest_checkpoint(config.paths.resolved().runs, "dalle").endswith("checkpoint_step_00000002/model.pt")
+    newest = latest_checkpoint(config.paths.resolved().runs, "dalle")
+    assert newest.endswith("checkpoint_step_00000002/model.safetensors")
     with pytest.raises(FileNotFoundError, match="pass --checkpoint"):
         latest_checkpoint(str(tmp_path), "dalle")
 
@@ -82,7 +83,7 @@ def test_model_paths_prefer_the_published_dalle_then_the_newest_checkpoint(confi
     unpublished = tiny_config(Path(paths.root), **{"paths.dalle": str(tmp_path / "not_published.pt")})
     newest = model_paths(unpublished)
     assert newest.checkpoint == latest_checkpoint(paths.runs, "dalle")
-    assert newest.checkpoint.endswith("checkpoint_step_00000002/model.pt")
+    assert newest.checkpoint.endswith("checkpoint_step_00000002/model.safetensors")
     assert (newest.vae, newest.tokenizer, newest.clip) == (paths.vae, paths.tokenizer, paths.clip)
     assert model_paths(config, checkpoint="explicit.pt").checkpoint == "explicit.pt"  # a flag always wins
 

@@ -109,6 +109,7 @@ def test_rejects_and_manifest(data):
     assert sum(manifest["codebook_usage"]["histogram"]) == n * 64
     assert manifest["tokenizer"]["model_hash"] == BPETokenizer.load(data["tokenizer"], 16).model_hash
     assert len(manifest["vae"]["checkpoint_hash"]) == 64
+    assert (manifest["vae"]["kind"], manifest["vae"]["pixel_range"]) == ("DiscreteVAE", "minus1_1")
 
 
 def test_manifest_mismatch_names_the_field(data):
@@ -126,6 +127,8 @@ def test_manifest_mismatch_names_the_field(data):
                                              image_fmap_size=8))
     with pytest.raises(ConfigError, match=r"manifest.vae.checkpoint_hash"):
         check_manifest(manifest, good, vae_hash="0" * 64)
+    with pytest.raises(ConfigError, match=r"manifest.vae.kind=DiscreteVAE but vae.kind=VQGAN"):
+        check_manifest(manifest, good, vae_kind="VQGAN")
 
 
 def test_interrupted_run_resumes_to_the_clean_key_set(data, tmp_path):

@@ -113,7 +113,7 @@ def check_run_outputs(run: Path, config: Config, workers: int) -> dict[str, torc
     files = {p.name for p in (last / "deepspeed" / "state").iterdir()}
     owners = {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(workers)}
     assert owners <= files, files  # each rank's shard made it into the merged checkpoint folder
-    model, extra = load_model_with_extra(str(last / "model.pt"))
+    model, extra = load_model_with_extra(str(last / "model.safetensors"))
     assert isinstance(model, DALLE) and extra["step"] == 12 and extra["zero_stage"] == config.train.zero_stage
     probe = torch.load(last / "probe.pt")
     with torch.no_grad():
@@ -290,7 +290,7 @@ def test_ray_job_submit_against_head(shards, tmp_path, monkeypatch):
         shutil.rmtree(temp_dir, ignore_errors=True)
     run = tmp_path / "runs" / "submitted"
     assert [m["step"] for m in read_metrics(run)] == [2, 4]
-    assert (run / "checkpoint_step_00000004" / "model.pt").exists()
+    assert (run / "checkpoint_step_00000004" / "model.safetensors").exists()
 
 
 def test_two_nodes_one_worker_each(shards, tmp_path):
@@ -309,7 +309,7 @@ def test_two_nodes_one_worker_each(shards, tmp_path):
         result = fit(config, shards, tmp_path, "two-nodes")
         nodes = result.metrics["worker_nodes"]
         assert len(set(nodes)) == 2 and set(nodes) <= {n["NodeID"] for n in ray.nodes()}
-        assert (tmp_path / "two-nodes" / "checkpoint_step_00000004" / "model.pt").exists()
+        assert (tmp_path / "two-nodes" / "checkpoint_step_00000004" / "model.safetensors").exists()
     finally:
         ray.shutdown()
         two.shutdown()

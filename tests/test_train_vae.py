@@ -99,7 +99,8 @@ def test_train_vae_killed_worker_resumes_to_the_same_model(cluster, workspace, t
     records = [json.loads(line) for line in (tmp_path / "runs" / "vae" / "metrics.jsonl").read_text().splitlines()]
     assert [(r["step"], r["start_step"]) for r in records] == [(2, 0), (4, 0), (6, 4), (8, 4)]
     resumed = load_model_with_extra(str(tmp_path / "vae.pt"))[0].state_dict()
-    reference = load_model_with_extra(str(workspace / "runs" / "vae" / "checkpoint_step_00000008" / "model.pt"))[0]
+    step_8 = workspace / "runs" / "vae" / "checkpoint_step_00000008" / "model.safetensors"
+    reference = load_model_with_extra(str(step_8))[0]
     for key, value in reference.state_dict().items():
         torch.testing.assert_close(resumed[key], value, rtol=0, atol=1e-6)
 

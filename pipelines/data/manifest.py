@@ -103,12 +103,13 @@ def read_manifest(path: str) -> dict[str, Any]:
 
 
 def check_manifest(manifest: dict[str, Any], dalle_config: DALLEConfig, *, tokenizer_hash: str | None = None,
-                   vae_hash: str | None = None) -> None:
+                   vae_hash: str | None = None, vae_kind: str | None = None) -> None:
     """Raises ConfigError naming the first field where the shards and the model disagree.
 
     Sequence lengths and the codebook size must match exactly; the tokenizer's real vocabulary may be smaller
     than ``dalle.num_text_tokens`` (a small corpus runs out of merges) but never larger. The hashes, when
-    given, pin the exact tokenizer model and dVAE checkpoint the shards were made with."""
+    given, pin the exact tokenizer model and dVAE checkpoint the shards were made with; ``vae_kind`` the kind of
+    image tokenizer (manifests from before kinds existed were all made by a DiscreteVAE)."""
     version = manifest.get("schema_version")
     if version != SCHEMA_VERSION:
         raise ConfigError(f"manifest.schema_version={version} but this code reads version {SCHEMA_VERSION}; "
@@ -121,6 +122,10 @@ def check_manifest(manifest: dict[str, Any], dalle_config: DALLEConfig, *, token
     for field, have, model_field, want in exact:
         if have != want:
             raise ConfigError(f"manifest.{field}={have} but dalle.{model_field}={want}")
+    made_by = manifest["vae"].get("kind", "DiscreteVAE")
+    if vae_kind is not None and made_by != vae_kind:
+        raise ConfigError(f"manifest.vae.kind={made_by} but vae.kind={vae_kind}: the codes came from another image "
+                          "tokenizer")
     vocab = manifest["tokenizer"]["vocab_size"]
     if vocab > dalle_config.num_text_tokens:
         raise ConfigError(f"manifest.tokenizer.vocab_size={vocab} but dalle.num_text_tokens="

@@ -1,4 +1,4 @@
-"""Raw shards -> token shards: decode, RGB, resize + centre-crop, BPE ids, frozen-dVAE codes (Ray Data).
+"""Raw shards -> token shards: decode, RGB, resize + centre-crop, BPE ids, frozen image-tokenizer codes (Ray Data).
 
 Stages: ``read_parquet`` -> :func:`preprocess_batch` (CPU tasks: image decode and caption tokenization) ->
 :class:`DVAEEncoder` (an actor pool, each actor holding the dVAE once; on a GPU cluster each takes a GPU) ->
@@ -30,11 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import torch
+from torch import nn
 
 from dalle_core.checkpoint import model_from_bytes
+from dalle_core.config import IMAGE_TOKENIZER_KINDS, ConfigError, VAEConfig
 from dalle_core.images import from_uint8
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
-from dalle_core.vae import DiscreteVAE
 from pipelines import storage
 from pipelines.config import InputError, PretokenizeConfig
 from pipelines.data import manifest as mf
@@ -44,7 +45,9 @@ from pipelines.data.shards import read_shards
 from pipelines.resources import encoder_actor_options
 
 REASONS = ("missing_image", "empty_image", "undecodable_image", "image_too_small", "image_too_large",
-           "empty_caption", "caption_unknown_tokens", DUPLICATE_KEY)  # besides upstream statuses
+           "empty_caption", "caption_unknown_tokens", DUPLICATE_KEY,
+           "missing_codes", "codes_wrong_length", "code_out_of_range")  # besides upstream statuses
+ENCODING_COLUMN = "encoding"  # a pre-encoded input's image codes (dalle-mini's encoded datasets), list<int>
 _SHARD_COL = "__input__"  # which raw shard a row came from (the stem of its file name)
 _PIXELS_COL = "__pixels__"
 _REASON_COL = "__reason__"
@@ -59,54 +62,133 @@ def _column(batch: pa.Table, name: str) -> list[Any]:
     return batch.column(name).to_pylist() if name in batch.column_names else [None] * batch.num_rows
 
 
+@dataclass
+class _Rows:
+    """What every input row becomes besides its image codes: key, caption, source, and a reject reason so far."""
+
+    inputs: list[str]
+    keys: list[str]
+    captions: list[str]
+    sources: list[str]
+    reasons: list[str | None]
+    details: list[str | None]
+
+    @classmethod
+    def read(cls, batch: pa.Table, payload: str, duplicates: dict[str, dict[str, str]] | None) -> _Rows:
+        """Upstream failures and keys an earlier input keeps become rejects here. A row without a key gets one
+        from its content (input, caption and ``payload`` column), the same in every run and every batch."""
+        n = batch.num_rows
+        status, error = _column(batch, "status"), _column(batch, "error_message")
+        sources = [s or u for s, u in zip(_column(batch, "source"), _column(batch, "url"), strict=True)]
+        inputs = [storage.stem(p) for p in batch.column("path").to_pylist()]
+        raw_captions = _column(batch, "caption")
+        keys = _column(batch, "key")
+        if any(k is None for k in keys):
+            payloads = _column(batch, payload)
+            keys = [k if k is not None else _content_key(inputs[i], raw_captions[i], payloads[i])
+                    for i, k in enumerate(keys)]
+        rows = cls(inputs, [str(k) for k in keys],
+                   [normalize_caption(c) if isinstance(c, str) else "" for c in raw_captions],
+                   [s or inp for s, inp in zip(sources, inputs, strict=True)], [None] * n, [None] * n)
+        for i in range(n):
+            owner = (duplicates or {}).get(inputs[i], {}).get(rows.keys[i])
+            if status[i] is not None and status[i] != SUCCESS:
+                rows.reasons[i], rows.details[i] = status[i], error[i]
+            elif owner is not None:
+                rows.reasons[i], rows.details[i] = DUPLICATE_KEY, f"the key is also in {owner}, which keeps it"
+        return rows
+
+    def tokenize(self, tokenizer: BPETokenizer) -> list[list[int]]:
+        """BPE ids of every caption; usable rows whose caption gives none become rejects."""
+        ids = tokenizer.encode(self.captions)
+        for i, row_ids in enumerate(ids):
+            if self.reasons[i] is not None:
+                continue
+            if not row_ids:
+                self.reasons[i], self.details[i] = "empty_caption", "caption empty after normalisation"
+            elif not tokenizer.decode(row_ids).strip():  # decode drops the unknown-token id
+                self.reasons[i], self.details[i] = ("caption_unknown_tokens",
+                                                    "no character of the caption is in the vocabulary")
+        return ids
+
+    def table(self, ids: list[list[int]], last_name: str, last: pa.Array) -> pa.Table:
+        return pa.table({
+            "key": pa.array(self.keys, pa.string()),
+            "caption": pa.array(self.captions, pa.string()),
+            "text_ids": pa.array(ids, pa.list_(pa.int32())),
+            "source": pa.array(self.sources, pa.string()),
+            _SHARD_COL: pa.array(self.inputs, pa.string()),
+            _REASON_COL: pa.array(self.reasons, pa.string()),
+            _DETAIL_COL: pa.array(self.details, pa.string()),
+            last_name: last,
+        })
+
+
+def _content_key(stem: str, caption: Any, payload: Any) -> str:
+    digest = hashlib.sha1(repr(caption).encode())
+    digest.update(payload if isinstance(payload, bytes) else repr(payload).encode())
+    return f"{stem}:{digest.hexdigest()[:16]}"
+
+
 def preprocess_batch(batch: pa.Table, *, tokenizer: BPETokenizer, image_size: int, min_image_size: int,
                      channels: int, duplicates: dict[str, dict[str, str]] | None = None) -> pa.Table:
     """Raw rows -> normalised caption, BPE ids, pixels (zeros for rejects) and a reject reason (or null).
 
     ``duplicates`` is :func:`cross_input_duplicates`' answer: the keys each input must leave to an earlier one."""
-    n = batch.num_rows
-    status, error = _column(batch, "status"), _column(batch, "error_message")
-    sources = [s or u for s, u in zip(_column(batch, "source"), _column(batch, "url"), strict=True)]
-    inputs = [storage.stem(p) for p in batch.column("path").to_pylist()]
-    keys = [k if k is not None else f"{inputs[i]}#{i}" for i, k in enumerate(_column(batch, "key"))]
-    captions = [normalize_caption(c) if isinstance(c, str) else "" for c in _column(batch, "caption")]
-    reasons: list[str | None] = [None] * n
-    details: list[str | None] = [None] * n
-    pixels = np.zeros((n, image_size * image_size * channels), dtype=np.uint8)
+    rows = _Rows.read(batch, "jpg", duplicates)
+    pixels = np.zeros((batch.num_rows, image_size * image_size * channels), dtype=np.uint8)
     for i, data in enumerate(_column(batch, "jpg")):
-        owner = (duplicates or {}).get(inputs[i], {}).get(keys[i])
-        if status[i] is not None and status[i] != SUCCESS:
-            reasons[i], details[i] = status[i], error[i]
-        elif owner is not None:
-            reasons[i], details[i] = DUPLICATE_KEY, f"the key is also in {owner}, which keeps it"
-        else:
-            picture, reasons[i], details[i] = load_picture(data, image_size, min_image_size, channels)
+        if rows.reasons[i] is None:
+            picture, rows.reasons[i], rows.details[i] = load_picture(data, image_size, min_image_size, channels)
             if picture is not None:
                 pixels[i] = picture.reshape(-1)
-    ids = tokenizer.encode(captions)
-    for i in range(n):
-        if reasons[i] is not None:
+    ids = rows.tokenize(tokenizer)
+    return rows.table(ids, _PIXELS_COL, pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)),
+                                                                          pixels.shape[1]))
+
+
+def encoded_batch(batch: pa.Table, *, tokenizer: BPETokenizer, image_seq_len: int, num_tokens: int,
+                  duplicates: dict[str, dict[str, str]] | None = None) -> pa.Table:
+    """Pre-encoded rows (``caption`` + ``encoding``, dalle-mini's layout) -> the same rows :class:`DVAEEncoder`
+    gives: the codes are kept as they are, checked for length and range (zeros for rejects)."""
+    rows = _Rows.read(batch, ENCODING_COLUMN, duplicates)
+    codes = np.zeros((batch.num_rows, image_seq_len), dtype=np.uint16)
+    for i, row in enumerate(_column(batch, ENCODING_COLUMN)):
+        if rows.reasons[i] is not None:
             continue
-        if not ids[i]:
-            reasons[i], details[i] = "empty_caption", "caption empty after normalisation"
-        elif not tokenizer.decode(ids[i]).strip():  # decode drops the unknown-token id
-            reasons[i], details[i] = "caption_unknown_tokens", "no character of the caption is in the vocabulary"
-    return pa.table({
-        "key": pa.array(keys, pa.string()),
-        "caption": pa.array(captions, pa.string()),
-        "text_ids": pa.array(ids, pa.list_(pa.int32())),
-        "source": pa.array([s or inp for s, inp in zip(sources, inputs, strict=True)], pa.string()),
-        _SHARD_COL: pa.array(inputs, pa.string()),
-        _REASON_COL: pa.array(reasons, pa.string()),
-        _DETAIL_COL: pa.array(details, pa.string()),
-        _PIXELS_COL: pa.FixedSizeListArray.from_arrays(pa.array(pixels.reshape(-1)), pixels.shape[1]),
-    })
+        values = np.asarray(row if row is not None else [], dtype=np.int64)
+        if row is None or not len(values):
+            rows.reasons[i], rows.details[i] = "missing_codes", "no encoding on this row"
+        elif len(values) != image_seq_len:
+            rows.reasons[i], rows.details[i] = ("codes_wrong_length",
+                                                f"{len(values)} codes, the tokenizer's grid has {image_seq_len}")
+        elif values.min() < 0 or values.max() >= num_tokens:
+            rows.reasons[i], rows.details[i] = ("code_out_of_range", f"codes span [{values.min()}, {values.max()}], "
+                                                f"the tokenizer has {num_tokens}")
+        else:
+            codes[i] = values
+    ids = rows.tokenize(tokenizer)
+    return rows.table(ids, "image_codes", pa.FixedSizeListArray.from_arrays(pa.array(codes.reshape(-1)),
+                                                                            image_seq_len))
 
 
-def _vae_from_bytes(data: bytes) -> DiscreteVAE:
-    model = model_from_bytes(data, where="the dVAE checkpoint")[0]
-    if not isinstance(model, DiscreteVAE):
-        raise PretokenizeError(f"the dVAE checkpoint holds a {type(model).__name__}, not a DiscreteVAE")
+def image_tokenizer_from_bytes(data: bytes, expected: VAEConfig | None = None) -> nn.Module:
+    """The image tokenizer a checkpoint holds (any of ``IMAGE_TOKENIZER_KINDS``). With ``expected`` (the config's
+    ``vae`` section, from which the transformer's codebook size and grid derive) the file must be what it says."""
+    model = model_from_bytes(data, where="the image tokenizer checkpoint (paths.vae)")[0]
+    kind = type(model).__name__
+    if kind not in IMAGE_TOKENIZER_KINDS:
+        raise PretokenizeError(f"paths.vae holds a {kind}, not an image tokenizer (one of {IMAGE_TOKENIZER_KINDS})")
+    if expected is not None:
+        cfg = model.config
+        for name, have, want in (("kind", kind, expected.kind), ("num_tokens", cfg.num_tokens, expected.num_tokens),
+                                 ("image_size", cfg.image_size, expected.image_size),
+                                 ("channels", cfg.channels, expected.channels),
+                                 ("num_layers", cfg.fmap_size, expected.fmap_size)):
+            if have != want:
+                shown = (f"a {cfg.fmap_size}x{cfg.fmap_size} grid, config {expected.fmap_size}x{expected.fmap_size}"
+                         if name == "num_layers" else f"{name}={have}, config {want}")
+                raise ConfigError(f"vae.{name}: paths.vae holds a {kind} with {shown}")
     return model
 
 
@@ -114,7 +196,7 @@ class DVAEEncoder:
     """Actor UDF: holds the frozen dVAE and turns pixel rows into code rows (rejects get zeros, dropped later)."""
 
     def __init__(self, vae_bytes: bytes, num_threads: int) -> None:
-        self.model = _vae_from_bytes(vae_bytes)
+        self.model = image_tokenizer_from_bytes(vae_bytes)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
@@ -140,7 +222,7 @@ class DVAEEncoder:
 class _Models:
     tokenizer: BPETokenizer
     vae_bytes: bytes
-    vae: DiscreteVAE
+    vae: nn.Module  # any image tokenizer: config.num_tokens, image_size, fmap_size, image_seq_len
     tokenizer_path: str
     vae_path: str
     vae_hash: str = field(init=False)
@@ -150,8 +232,10 @@ class _Models:
 
     def records(self) -> dict[str, dict[str, Any]]:
         """What the manifest says of the two models (``build_manifest``'s keyword arguments)."""
-        return {"tokenizer": {"path": self.tokenizer_path, **self.identity()["tokenizer"]},
-                "vae": {"path": self.vae_path, **self.identity()["vae"]}}
+        identity = self.identity()
+        return {"tokenizer": {"path": self.tokenizer_path, **identity["tokenizer"]},
+                "vae": {"path": self.vae_path, "kind": type(self.vae).__name__,
+                        "pixel_range": self.vae.pixel_range, **identity["vae"]}}
 
     def identity(self) -> dict[str, dict[str, Any]]:
         """What decides a shard's content, whatever path the models were read from: each data file records it."""
@@ -162,10 +246,11 @@ class _Models:
                         "fmap_size": cfg.fmap_size, "image_seq_len": cfg.image_seq_len}}
 
 
-def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int) -> _Models:
+def load_models(tokenizer_path: str, vae_path: str, text_seq_len: int, vae_config: VAEConfig | None = None
+                ) -> _Models:
     vae_bytes = storage.read_bytes(vae_path)
-    return _Models(BPETokenizer.load(tokenizer_path, text_seq_len), vae_bytes, _vae_from_bytes(vae_bytes),
-                   tokenizer_path, vae_path)
+    return _Models(BPETokenizer.load(tokenizer_path, text_seq_len), vae_bytes,
+                   image_tokenizer_from_bytes(vae_bytes, vae_config), tokenizer_path, vae_path)
 
 
 def _flat(identity: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -275,8 +360,9 @@ def _clear(output: str) -> None:
 
 
 def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, text_seq_len: int,
-                    config: PretokenizeConfig) -> dict[str, Any]:
+                    config: PretokenizeConfig, vae_config: VAEConfig | None = None) -> dict[str, Any]:
     """Runs the job (Ray must be reachable; ``ray.init`` is the caller's) and returns the end summary.
+    ``vae_config``, when given, is checked against the tokenizer file (:func:`image_tokenizer_from_bytes`).
 
     Raises :class:`PretokenizeError` when ``output`` holds shards other models made (unless
     ``config.overwrite``, which clears ``output`` first) or when every pair is rejected."""
@@ -289,7 +375,8 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
         _clear(output)
     for sub in (mf.DATA_DIR, mf.REJECTS_DIR):
         storage.remove_stale_temporaries(storage.join(output, sub))
-    models = load_models(tokenizer_path, vae_path, text_seq_len)
+    payload = _payload_column(by_stem)
+    models = load_models(tokenizer_path, vae_path, text_seq_len, vae_config)
     done = _finished(output, set(by_stem), models)
     todo = [s for s in by_stem if s not in done]
     expected = {s: _num_rows(by_stem[s]) for s in todo}
@@ -297,8 +384,10 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
     if todo:
         duplicates = cross_input_duplicates(by_stem)
         new_rows = _process(by_stem, todo, expected, output, models, config,
-                            {s: keys for s, keys in duplicates.items() if s in expected})
-    manifest = mf.build_manifest(output, sorted(by_stem), **models.records())
+                            {s: keys for s, keys in duplicates.items() if s in expected}, payload)
+    records = models.records()
+    records["vae"]["codes"] = "input" if payload == ENCODING_COLUMN else "computed"  # who made the codes
+    manifest = mf.build_manifest(output, sorted(by_stem), **records)
     elapsed = time.perf_counter() - start
     summary = {
         "pairs_in": manifest["pairs_in"], "pairs_out": manifest["num_rows"],
@@ -314,24 +403,46 @@ def run_pretokenize(raw: str, output: str, tokenizer_path: str, vae_path: str, t
     return summary
 
 
+def _payload_column(by_stem: dict[str, str]) -> str:
+    """``jpg`` when the inputs are raw shards, ``encoding`` when they are a pre-encoded set; never a mix."""
+    kinds = {}
+    for path in by_stem.values():
+        meta = storage.parquet_metadata(path)
+        if meta is None:
+            raise PretokenizeError(f"{path}: not a readable Parquet file (truncated or corrupt raw shard)")
+        present = set(meta.schema.to_arrow_schema().names)
+        kind = "jpg" if "jpg" in present else ENCODING_COLUMN if ENCODING_COLUMN in present else None
+        if kind is None:
+            raise PretokenizeError(f"{path} has neither a 'jpg' column (a raw shard) nor an '{ENCODING_COLUMN}' "
+                                   f"column (a pre-encoded set); columns {sorted(present)}")
+        kinds.setdefault(kind, path)
+    if len(kinds) > 1:
+        raise PretokenizeError(f"the input mixes raw shards ({kinds['jpg']}) and pre-encoded files "
+                               f"({kinds[ENCODING_COLUMN]}); give each its own --input")
+    return next(iter(kinds))
+
+
 def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int], output: str, models: _Models,
-             config: PretokenizeConfig, duplicates: dict[str, dict[str, str]]) -> int:
+             config: PretokenizeConfig, duplicates: dict[str, dict[str, str]], payload: str) -> int:
     """Streams the unfinished inputs through Ray Data, writing each input's output once all its rows are in."""
-    wanted = ["key", "caption", "url", "jpg", "status", "error_message", "source"]
     present = set(storage.parquet_columns(by_stem[todo[0]]))
-    if "jpg" not in present:
-        raise PretokenizeError(f"{by_stem[todo[0]]} has no 'jpg' column: not a raw shard (columns {sorted(present)})")
     cfg = models.vae.config
+    wanted = ["key", "caption", "url", payload, "status", "error_message", "source"]
     # One block per raw shard at least: stages overlap and finished shards are written while others run.
     ds = read_shards([by_stem[s] for s in todo], include_paths=True, override_num_blocks=len(todo))
     ds = ds.select_columns([c for c in wanted if c in present] + ["path"])
-    ds = ds.map_batches(preprocess_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
-        "tokenizer": models.tokenizer, "image_size": cfg.image_size,
-        "min_image_size": config.min_image_size, "channels": cfg.channels, "duplicates": duplicates})
-    ds = ds.map_batches(
-        DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
-        **encoder_actor_options(config), fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
-                               "num_threads": int(config.num_cpus_per_actor)})
+    if payload == ENCODING_COLUMN:  # the codes are the input's own: no image tokenizer runs
+        ds = ds.map_batches(encoded_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
+            "tokenizer": models.tokenizer, "image_seq_len": cfg.image_seq_len, "num_tokens": cfg.num_tokens,
+            "duplicates": duplicates})
+    else:
+        ds = ds.map_batches(preprocess_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
+            "tokenizer": models.tokenizer, "image_size": cfg.image_size,
+            "min_image_size": config.min_image_size, "channels": cfg.channels, "duplicates": duplicates})
+        ds = ds.map_batches(
+            DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
+            **encoder_actor_options(config), fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
+                                   "num_threads": int(config.num_cpus_per_actor)})
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     counts: Counter[str] = Counter()
     for batch in ds.iter_batches(batch_size=None, batch_format="pyarrow"):

@@ -3,7 +3,7 @@
 Pairs are read with Ray Data from the raw shards (any source's img2dataset layout), decoded and centre-cropped
 like pretokenize does (:func:`pipelines.data.images.load_picture`), and split by a hash of their key: the
 held-out part never trains and measures text->image and image->text top-1/top-5 retrieval at the end. The final
-checkpoint holds the weights (``model.pt``) and ``retrieval.json``; the driver publishes the model to
+checkpoint holds the weights (``model.safetensors``) and ``retrieval.json``; the driver publishes the model to
 ``paths.clip`` and the metrics to ``<clip stem>_metrics.json`` beside it.
 """
 
@@ -83,9 +83,10 @@ class CLIPTask(DDPTask):
     name = "train_clip"
     log_keys = ("loss", "lr", "pairs_per_s")
 
-    def __init__(self, config: Config, worker: WorkerContext, heldout: dict[str, np.ndarray]) -> None:
+    def __init__(self, config: Config, worker: WorkerContext, heldout: dict[str, np.ndarray],
+                 init: dict[str, torch.Tensor] | None) -> None:
         model = CLIP(config.clip)
-        super().__init__(model, model, config.train_clip, worker)
+        super().__init__(model, model, config.train_clip, worker, init)
         self.heldout = heldout
 
     def train_step(self, batch: dict[str, np.ndarray], progress: Progress) -> tuple[dict[str, torch.Tensor], bool]:
@@ -131,9 +132,11 @@ def load_pairs(config: Config, raw: str, tokenizer: BPETokenizer) -> tuple[ray.d
 
 
 def metrics_path(clip_path: str) -> str:
-    """``.../clip.pt`` -> ``.../clip_metrics.json``."""
-    stem = clip_path[: -len(".pt")] if clip_path.endswith(".pt") else clip_path
-    return f"{stem}_metrics.json"
+    """``.../clip.safetensors`` (or ``.pt``) -> ``.../clip_metrics.json``."""
+    for suffix in (".safetensors", ".pt"):
+        if clip_path.endswith(suffix):
+            return f"{clip_path[: -len(suffix)]}_metrics.json"
+    return f"{clip_path}_metrics.json"
 
 
 def train_clip(config: Config, *, raw: str, tokenizer_path: str, storage_path: str, run_name: str,

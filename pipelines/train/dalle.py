@@ -5,7 +5,7 @@ What is particular to DALLE (the loop, resume, metrics and checkpoint cadence ar
 * the DeepSpeed config built from ``TrainConfig`` (ZeRO 0-3, fp32/bf16/fp16, accumulation, clipping) with a
   torch AdamW passed in, so DeepSpeed never JIT-builds FusedAdam;
 * the step, explicit: ``engine(text, codes) -> engine.backward(loss) -> engine.step()``;
-* checkpoints: every rank writes its DeepSpeed shards; rank 0 adds consolidated fp32 weights (``model.pt``,
+* checkpoints: every rank writes its DeepSpeed shards; rank 0 adds consolidated fp32 weights (``model.safetensors``,
   loadable by ``dalle_core.checkpoint.load_model`` without DeepSpeed, at any ZeRO stage) and a probe batch
   with the engine's logits so consolidation can be verified offline.
 """
@@ -36,7 +36,8 @@ from pipelines import artifacts
 from pipelines.config import Config, TrainConfig
 from pipelines.data.manifest import check_manifest, read_manifest, shard_paths
 from pipelines.data.shards import read_shards
-from pipelines.train.runner import Progress, WorkerContext, build_trainer, fit_and_publish, require_rows
+from pipelines.train.finetune import trained_on
+from pipelines.train.runner import Progress, WorkerContext, build_trainer, fit_and_publish, lineage, require_rows
 
 TOKEN_COLUMNS = ["text_ids", "image_codes"]  # string columns (key, caption, source) never reach the workers
 DS_TAG = "state"
@@ -83,13 +84,17 @@ class DalleTask:
     name = "train"
     log_keys = ("loss", "lr", "tokens_per_s", "mfu")
 
-    def __init__(self, config: Config, worker: WorkerContext) -> None:
+    def __init__(self, config: Config, worker: WorkerContext, trained_on: dict[str, str],
+                 init: dict[str, torch.Tensor] | None) -> None:
         if worker.device.type == "cpu":
             os.environ.setdefault("DS_ACCELERATOR", "cpu")
         import deepspeed  # after DS_ACCELERATOR: DeepSpeed picks its accelerator at first use
 
-        self.config, self.train, self.worker = config, config.train, worker
-        model = DALLE(config.dalle).to(worker.device)
+        self.config, self.train, self.worker, self.trained_on = config, config.train, worker, trained_on
+        model = DALLE(config.dalle)
+        if init is not None:  # before the optimiser and ZeRO copy (or partition) the weights
+            model.load_state_dict(init)
+        model = model.to(worker.device)
         self.num_params = model.num_params()  # before ZeRO-3 partitions the parameters away
         self.flops_per_token = model.flops_per_token()
         optimizer = make_optimizer(model, self.train.optim)
@@ -168,8 +173,8 @@ class DalleTask:
                 model = DALLE(self.config.dalle)
             model.load_state_dict(weights)
             extra = dict(step=progress.step, epoch=progress.epoch, zero_stage=self.train.zero_stage,
-                         precision=self.worker.precision)
-            save_model(model, f"{folder}/{artifacts.MODEL_FILE}", extra=extra)
+                         precision=self.worker.precision, **self.trained_on)
+            save_model(model, f"{folder}/{artifacts.MODEL_FILE}", extra=lineage(self.train, extra))
             torch.save({"text": self.probe[0].cpu(), "image_codes": self.probe[1].cpu(),
                         "logits": logits.float().cpu()}, f"{folder}/probe.pt")
         return {"peak_memory_bytes_per_worker": [int(m.item()) for m in gathered], "worker_nodes": nodes}
@@ -180,7 +185,7 @@ def load_checked_manifest(config: Config, shards_dir: str, manifest_path: str | 
     (errors name the field). Needs no Ray, so jobs call it before ``ray.init`` and a mismatch costs no cluster
     resources."""
     manifest = read_manifest(manifest_path or shards_dir)
-    check_manifest(manifest, config.dalle)
+    check_manifest(manifest, config.dalle, vae_kind=config.vae.kind)
     require_rows(config, config.train, manifest["num_rows"])
     return manifest
 
@@ -190,7 +195,8 @@ def build_dalle_trainer(config: Config, manifest: dict[str, Any], *, shards_dir:
     """The runner's TorchTrainer over the shards a checked manifest lists."""
     dataset = read_shards(shard_paths(manifest, shards_dir)).select_columns(TOKEN_COLUMNS)
     return build_trainer(config, config.train, DalleTask, dataset=dataset, storage_path=storage_path,
-                         run_name=run_name, rows=manifest["num_rows"], job_start=job_start or time.time())
+                         run_name=run_name, rows=manifest["num_rows"], task_kwargs={"trained_on": trained_on(manifest)},
+                         job_start=job_start or time.time())
 
 
 def train_dalle(config: Config, manifest: dict[str, Any], *, shards_dir: str, storage_path: str, run_name: str,

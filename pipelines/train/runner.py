@@ -7,7 +7,9 @@ In the style of torchtitan's components, the runner owns what every training job
 * on each worker, the epoch/step loop over its dataset shard, with exact mid-epoch resume (step, epoch, batches
   already consumed, each rank's RNG), the interval metrics (summed on the device, all-reduced at log steps,
   written by rank 0 as JSONL + TensorBoard), the checkpoint cadence and ``ray.train.report``;
-* after the run, publishing the last checkpoint's ``model.pt`` to the path the config names.
+* after the run, publishing the last checkpoint's ``model.safetensors`` to the path the config names;
+* for a fine-tune (``init_from``), the published weights the first attempt starts from: a run with a
+  checkpoint resumes from it instead (:mod:`pipelines.train.finetune`).
 
 A model supplies only a :class:`Task`: its step, its state to save and load, and its metrics. The runner never
 looks inside a batch or a model.
@@ -77,7 +79,9 @@ class WorkerContext:
 
 class Task(Protocol):
     """What one model supplies to the runner; built once per worker, after ``torch.manual_seed(seed)`` so every
-    rank starts from the same weights."""
+    rank starts from the same weights. Its builder takes ``init``: the state dict a fine-tune starts from
+    (``init_from``, on a run without a checkpoint), to load before any optimiser or engine copies the weights,
+    or None for the seeded init."""
 
     name: str  # prefix of its log lines
     log_keys: tuple[str, ...]  # record fields printed at each log step
@@ -100,7 +104,7 @@ class Task(Protocol):
         of all ranks) and the optimiser steps and seconds it took; called on every rank."""
 
     def save(self, folder: str, rank: int, progress: Progress, final: bool) -> dict[str, Any]:
-        """Writes this rank's state into ``folder`` (rank 0 writes ``model.pt``); returns extra report metrics.
+        """Writes this rank's state into ``folder`` (rank 0 writes ``model.safetensors``); returns extra report metrics.
         Called on every rank at once, so it may run collectives."""
 
 
@@ -164,8 +168,8 @@ def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilde
 
 
 def fit_and_publish(trainer: TorchTrainer, destination: str) -> Result:
-    """Runs the trainer to the end and publishes its last checkpoint's ``model.pt`` to ``destination``. Says what
-    it waits for while workers cannot start; Ctrl-C aborts the run (Ray Train's own graceful abort) and ends in
+    """Runs the trainer to the end and publishes its last checkpoint's model file to ``destination``. Says what it
+    waits for while workers cannot start; Ctrl-C aborts the run (Ray Train's own graceful abort) and ends in
     ``KeyboardInterrupt`` naming the checkpoint a rerun resumes from, never in a published half-trained model."""
     loop_config = trainer.train_loop_config
     max_steps = loop_config["section"].max_steps
@@ -288,8 +292,10 @@ class DDPTask:
     (``module`` itself, or a wrapper routing the loss through ``forward``) is what DDP runs."""
 
     def __init__(self, module: torch.nn.Module, wrapped: torch.nn.Module, section: TrainerConfig,
-                 worker: WorkerContext) -> None:
+                 worker: WorkerContext, init: dict[str, torch.Tensor] | None) -> None:
         self.module, self.section, self.worker = module, section, worker
+        if init is not None:  # before DDP and the optimiser take the parameters
+            module.load_state_dict(init)
         self.ddp = ray.train.torch.prepare_model(wrapped)  # DDP when world > 1; moved to the worker's device
         self.optimizer = make_optimizer(self.ddp, section.optim)
         self.scheduler = make_scheduler(self.optimizer, section.optim, section.max_steps)
@@ -318,9 +324,14 @@ class DDPTask:
         """The self-describing model (``extra`` beside its weights) and the optimiser and LR schedule state, as
         plain tensors and numbers (read back with ``weights_only=True``). Rank 0 calls it: DDP keeps every rank's
         copy identical."""
-        save_model(self.module, os.path.join(folder, artifacts.MODEL_FILE), extra=extra)
+        save_model(self.module, os.path.join(folder, artifacts.MODEL_FILE), extra=lineage(self.section, extra))
         torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
                    os.path.join(folder, OPTIMIZER_FILE))
+
+
+def lineage(section: TrainerConfig, extra: dict[str, Any]) -> dict[str, Any]:
+    """``extra`` for a saved model, plus the file a fine-tune started from: where its weights came from."""
+    return {**extra, "init_from": section.init_from} if section.init_from else extra
 
 
 def _pause_hook(spec: str, step: int, rank: int) -> None:
@@ -386,16 +397,18 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
     worker = WorkerContext(rank, world, device, resolve_precision(section.precision, device))
-    torch.manual_seed(section.seed)
-    task = loop_config["build_task"](loop_config["config"], worker, **loop_config["task_kwargs"])
-    torch.manual_seed(section.seed + 1 + rank)  # same weights everywhere, but each rank its own noise and dropout
     checkpoint = ray.train.get_checkpoint()
+    # The run's own checkpoint wins over init_from: a killed fine-tune resumes, it never restarts from the init.
+    init = load_model(section.init_from).state_dict() if section.init_from and checkpoint is None else None
+    torch.manual_seed(section.seed)
+    task = loop_config["build_task"](loop_config["config"], worker, init=init, **loop_config["task_kwargs"])
+    torch.manual_seed(section.seed + 1 + rank)  # same weights everywhere, but each rank its own noise and dropout
     progress = _load(checkpoint, task, rank) if checkpoint is not None else Progress()
     start_step = progress.step
     writer = MetricsWriter(loop_config["run_dir"], task.name) if rank == 0 else None
     if rank == 0:
         log(f"[{task.name}] world={world} precision={worker.precision} start_step={start_step} "
-            f"epoch={progress.epoch} {task.describe()}")
+            f"epoch={progress.epoch} {task.describe()}{f' init_from={section.init_from}' if init is not None else ''}")
 
     sums = IntervalSums(device)
     interval_start, interval_steps, first_step_after = time.perf_counter(), 0, None

@@ -69,9 +69,10 @@ class VAETask(DDPTask):
     name = "train_vae"
     log_keys = ("loss", "temperature", "codebook_perplexity", "dead_codes")
 
-    def __init__(self, config: Config, worker: WorkerContext, run_dir: str) -> None:
+    def __init__(self, config: Config, worker: WorkerContext, run_dir: str, init: dict[str, torch.Tensor] | None
+                 ) -> None:
         self.vae = DiscreteVAE(config.vae)
-        super().__init__(self.vae, LossParts(self.vae), config.train_vae, worker)
+        super().__init__(self.vae, LossParts(self.vae), config.train_vae, worker, init)
         self.config, self.run_dir = config, run_dir
         self.codes_seen: list[torch.Tensor] = []
         self.images: torch.Tensor | None = None

@@ -1,0 +1,64 @@
+"""Converts a released image tokenizer, once, into this project's self-describing checkpoint.
+
+    python jobs/import_tokenizer.py openai --encoder dvae/encoder.pkl --decoder dvae/decoder.pkl \\
+        --output models/openai_dvae.safetensors
+    python jobs/import_tokenizer.py vqgan --checkpoint vqgan_f16_16384/last.ckpt \\
+        --model-yaml vqgan_f16_16384/model.yaml --output models/vqgan_f16_16384.safetensors [--pixel-range 0_1]
+
+The downloaded files are read without running any code from them (see ``dalle_core/pickles.py``): OpenAI's
+files are whole pickled modules, a taming ``.ckpt`` pickles OmegaConf and Lightning objects. Every path may be
+local or ``s3://``. Point ``paths.vae`` at the output; the JSON printed names the ``dalle`` fields the
+transformer needs (``num_image_tokens``, ``image_fmap_size``) and the checkpoint's sha256 that manifests record.
+"""
+
+from __future__ import annotations
+
+import json
+import pickle
+import sys
+
+from dalle_core.checkpoint import save_model
+from dalle_core.io import read_bytes
+from pipelines.cli import job_entry, job_parser
+from pipelines.config import InputError
+
+
+@job_entry("import_tokenizer")
+def main(argv: list[str] | None = None) -> int:
+    parser = job_parser(__doc__, uses_ray=False)
+    kinds = parser.add_subparsers(dest="kind", required=True)
+    openai = kinds.add_parser("openai", help="OpenAI's released dVAE (encoder.pkl + decoder.pkl)")
+    openai.add_argument("--encoder", required=True, help="encoder.pkl as the dall-e package saves it")
+    openai.add_argument("--decoder", required=True, help="decoder.pkl as the dall-e package saves it")
+    openai.add_argument("--image-size", type=int, default=256, help="picture side the codes are made at")
+    vqgan = kinds.add_parser("vqgan", help="a VQGAN in the taming-transformers format (.ckpt + model.yaml)")
+    vqgan.add_argument("--checkpoint", required=True, help="the Lightning .ckpt holding state_dict")
+    vqgan.add_argument("--model-yaml", required=True, help="taming's model.yaml beside it")
+    vqgan.add_argument("--pixel-range", choices=["minus1_1", "0_1"], default="minus1_1",
+                       help="what the model was trained on: taming 2x-1 (minus1_1) or dalle-mini's [0, 1] (0_1)")
+    for sub in (openai, vqgan):
+        sub.add_argument("--output", required=True, help="the converted checkpoint, local or s3://")
+    args = parser.parse_args(argv)
+    try:
+        if args.kind == "openai":
+            from dalle_core.openai_dvae import convert_openai_dvae
+
+            model = convert_openai_dvae(read_bytes(args.encoder), read_bytes(args.decoder), where=args.encoder,
+                                        image_size=args.image_size)
+        else:
+            from dalle_core.vqgan import convert_vqgan
+
+            model = convert_vqgan(read_bytes(args.checkpoint), read_bytes(args.model_yaml).decode(),
+                                  where=args.checkpoint, pixel_range=args.pixel_range)
+    except (ValueError, pickle.UnpicklingError) as exc:  # a file that is not what it claims: the user's input
+        raise InputError(str(exc)) from exc
+    digest = save_model(model, args.output, extra={"imported_from": args.kind})
+    cfg = model.config
+    print(json.dumps({"output": args.output, "kind": type(model).__name__, "sha256": digest,
+                      "num_tokens": cfg.num_tokens, "image_size": cfg.image_size, "image_seq_len": cfg.image_seq_len,
+                      "dalle": {"num_image_tokens": cfg.num_tokens, "image_fmap_size": cfg.fmap_size}}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
