@@ -12,8 +12,9 @@ export RAY_AUTH_MODE ?= disabled
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip setuptools wheel cython
-	# The CPU wheel of torch first: a looser requirement would pull a multi-GB CUDA build.
-	$(PY) -m pip install -q torch==2.13.0
+	# torch and torchvision as one matched pair first (open_clip needs torchvision, and PyPI's torchvision does
+	# not import beside the older torch 2.13.0 CPU wheel); a looser requirement would pull whatever is newest.
+	$(PY) -m pip install -q torch==2.14.1 torchvision==0.29.1
 	# youtokentome 1.0.6 only builds with Cython already installed and without build isolation.
 	$(PY) -m pip install -q --no-build-isolation youtokentome==1.0.6
 	$(PY) -m pip install -q -e '.[dev]'

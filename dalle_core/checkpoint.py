@@ -4,7 +4,7 @@ The reference saved bare state dicts (or pickled hyper-parameters beside them), 
 constructor arguments from somewhere else. Here a checkpoint is ``{"kind", "config", "state_dict", "extra"}``
 and :func:`load_model` rebuilds the model from the file alone, in one of two formats chosen by the file name:
 
-* ``*.safetensors`` (what the trainers publish and import_tokenizer writes): the weights as safetensors, with
+* ``*.safetensors`` (what the trainers publish and import_model writes): the weights as safetensors, with
   kind, config and ``extra`` as JSON in its metadata. Loading runs no pickle at all and a local file is
   memory-mapped, so a model moved between machines is safe to open and cheap to load.
 * anything else (``*.pt``, the format before safetensors): a ``torch.save`` of the dict, read with
@@ -40,6 +40,7 @@ MODEL_REGISTRY: dict[str, tuple[str, str, str]] = {
     "OpenAIDVAE": ("dalle_core.openai_dvae", "OpenAIDVAE", "OpenAIDVAEConfig"),
     "VQGAN": ("dalle_core.vqgan", "VQGAN", "VQGANConfig"),
     "CLIP": ("dalle_core.clip", "CLIP", "CLIPConfig"),
+    "OpenCLIP": ("dalle_core.openclip", "OpenCLIP", "OpenCLIPConfig"),
     "DALLE": ("dalle_core.dalle", "DALLE", "DALLEConfig"),
 }
 
@@ -177,6 +178,20 @@ def _model_from_payload(payload: dict, map_location: Any, where: str) -> tuple[n
     model.load_state_dict(payload["state_dict"])
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     return model.eval(), payload.get("extra") or {}
+
+
+def tensors_from_bytes(data: bytes, where: str = "checkpoint") -> dict[str, Any]:
+    """The tensors of a plain weights file from elsewhere: safetensors, or a torch file of tensors and plain
+    containers (read with ``weights_only=True``, so no code in it runs)."""
+    try:
+        if _is_safetensors(data[:9]):
+            return safetensors.torch.load(data)
+        loaded = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise ValueError(f"{where}: not a readable weights file ({exc})") from exc
+    if not isinstance(loaded, dict):
+        raise ValueError(f"{where}: holds a {type(loaded).__name__}, not a dict of tensors")
+    return loaded
 
 
 def load_model(path: str, map_location: Any = "cpu") -> nn.Module:

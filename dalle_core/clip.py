@@ -5,8 +5,9 @@ the mean over non-pad tokens. Image: ViT-style patches plus a class token. Both 
 ``dim_latent`` and L2-normalised; a learned temperature scales the cosine similarities, and the loss is the
 symmetric cross-entropy over the in-batch similarity matrix.
 
-Anything with ``score(text_ids, images) -> Tensor[B]`` is a :class:`Scorer`; a pretrained CLIP loaded from a
-local path only needs a thin adapter (decode the BPE ids with our tokenizer, re-tokenise with its own).
+Anything with ``score(text_ids, images, captions) -> Tensor[B]`` is a :class:`Scorer`: callers pass our BPE ids
+and the same texts as strings, so a pretrained CLIP with a tokenizer of its own (``dalle_core.openclip``) reads
+the strings.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from dalle_core.config import CLIPConfig
 class Scorer(Protocol):
     """Reranking interface: higher score = caption and image agree better, one score per row."""
 
-    def score(self, text_ids: Tensor, images: Tensor) -> Tensor:
-        """``text_ids`` [B, T] long with 0 = pad, ``images`` [B, C, H, W] in [0, 1] -> scores [B]."""
+    def score(self, text_ids: Tensor, images: Tensor, captions: list[str] | None = None) -> Tensor:
+        """``text_ids`` [B, T] long with 0 = pad, ``images`` [B, C, H, W] in [0, 1] -> scores [B]. ``captions``
+        are the same texts as strings, for a scorer with its own tokenizer (``dalle_core.openclip``)."""
         ...
 
 
@@ -124,8 +126,9 @@ class CLIP(nn.Module):
         return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
     @torch.no_grad()
-    def score(self, text_ids: Tensor, images: Tensor) -> Tensor:
-        """Cosine similarity per row pair in [-1, 1] (the :class:`Scorer` interface), computed in eval mode."""
+    def score(self, text_ids: Tensor, images: Tensor, captions: list[str] | None = None) -> Tensor:
+        """Cosine similarity per row pair in [-1, 1] (the :class:`Scorer` interface), computed in eval mode;
+        reads ``text_ids`` (our BPE), not ``captions``."""
         was_training = self.training
         self.eval()
         try:

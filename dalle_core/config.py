@@ -89,7 +89,7 @@ class TokenizerConfig(Section):
 
 
 # The image tokenizers a checkpoint at ``paths.vae`` may hold: ours (trained by jobs/train_vae.py) and the two
-# the field released, imported once with jobs/import_tokenizer.py.
+# the field released, imported once with jobs/import_model.py.
 IMAGE_TOKENIZER_KINDS = ("DiscreteVAE", "OpenAIDVAE", "VQGAN")
 
 

@@ -121,12 +121,15 @@ class ImageGenerator:
 
 
 @torch.no_grad()
-def score_candidates(scorer: torch.nn.Module, text_ids: Tensor, images: Tensor) -> Tensor:
-    """CLIP scores ``[P, N]`` of each prompt ``text_ids [P, T]`` against its candidates ``[P, N, C, H, W]``."""
+def score_candidates(scorer: torch.nn.Module, text_ids: Tensor, images: Tensor,
+                     captions: list[str] | None = None) -> Tensor:
+    """CLIP scores ``[P, N]`` of each prompt ``text_ids [P, T]`` (and its caption string, for scorers with a
+    tokenizer of their own) against its candidates ``[P, N, C, H, W]``."""
     p, n = images.shape[:2]
     device = next(scorer.parameters()).device
     rows = text_ids.to(device).repeat_interleave(n, dim=0)
-    return scorer.score(rows, images.to(device).flatten(0, 1)).view(p, n).float().cpu()
+    row_captions = None if captions is None else [c for c in captions for _ in range(n)]
+    return scorer.score(rows, images.to(device).flatten(0, 1), row_captions).view(p, n).float().cpu()
 
 
 def rank_order(scores: Tensor) -> Tensor:
@@ -164,7 +167,7 @@ def generate_prompt(generator: ImageGenerator, tokenizer: BPETokenizer, prompt: 
     images = generator.generate(text, num_candidates, sampling, sampling.seed)
     result = RankedPrompt(check, to_uint8(images[0]), seed=sampling.seed)
     if scorer is not None:
-        scores = score_candidates(scorer, text, images)
+        scores = score_candidates(scorer, text, images, [prompt])
         result.scores, result.order = scores[0].tolist(), rank_order(scores)[0].tolist()
     else:
         result.order = list(range(num_candidates))

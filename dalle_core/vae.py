@@ -58,7 +58,7 @@ class DiscreteVAE(ImageTokenizer):
         super().__init__()
         config.validate()
         check(config.kind == "DiscreteVAE", "vae.kind", f"is {config.kind}: that tokenizer is imported with "
-              "jobs/import_tokenizer.py and loaded from paths.vae, never built or trained here")
+              "jobs/import_model.py and loaded from paths.vae, never built or trained here")
         self.config = config
         hidden, layers = config.hidden_dim, config.num_layers
         has_res = config.num_resnet_blocks > 0

@@ -272,7 +272,7 @@ def _plan_pretokenize(cfg: Config) -> dict[str, Any]:
         "total": _totals(options["concurrency"], per_actor),
         "data_tasks_cpu": RAY_DATA_TASK["CPU"],  # the decode tasks that feed the actors run beside them
         "sized_by": "pretokenize.concurrency, pretokenize.num_cpus_per_actor, pretokenize.num_gpus_per_actor",
-        # An imported tokenizer's size is in its file, not in the config (see jobs/import_tokenizer.py's output).
+        # An imported tokenizer's size is in its file, not in the config (see jobs/import_model.py's output).
         "dvae_encoder_flops_per_image": (dvae_sizes(cfg)["encoder_flops_per_image"]
                                          if cfg.vae.kind == "DiscreteVAE" else None),
         "image_tokenizer": cfg.vae.kind,

@@ -53,8 +53,9 @@ def test_forward_and_score_interfaces() -> None:
     assert scores.shape == (4,) and (scores.abs() <= 1 + 1e-6).all()
     assert isinstance(model, Scorer)
 
-    class ConstantScorer:  # anything with score(text_ids, images) satisfies the protocol
-        def score(self, text_ids: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    class ConstantScorer:  # anything with score(text_ids, images, captions) satisfies the protocol
+        def score(self, text_ids: torch.Tensor, images: torch.Tensor, captions: list[str] | None = None
+                  ) -> torch.Tensor:
             return torch.zeros(len(text_ids))
 
     assert isinstance(ConstantScorer(), Scorer)

@@ -1,6 +1,7 @@
 """The chain on an imported tokenizer, run as a user runs it: a taming-format VQGAN (random weights, Lightning
-``.ckpt`` + ``model.yaml``) -> jobs/import_tokenizer.py -> make_synthetic -> train_tokenizer -> pretokenize ->
-10 DALLE steps -> generate, reranked by a CLIP. The codes in the shards are the imported model's own."""
+``.ckpt`` + ``model.yaml``) -> jobs/import_model.py -> make_synthetic -> train_tokenizer -> pretokenize ->
+10 DALLE steps -> generate, reranked by an imported open_clip model. The codes in the shards are the
+imported model's own."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import open_clip
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -16,10 +18,10 @@ import torch
 import yaml
 from conftest import job_main
 from PIL import Image
+from safetensors.torch import save_file
 from test_pretrained_vqgan import ckpt_bytes
 
-from dalle_core.checkpoint import load_model, save_model
-from dalle_core.clip import CLIP
+from dalle_core.checkpoint import load_model
 from dalle_core.images import from_uint8
 from pipelines.config import Config
 from pipelines.data.images import load_picture
@@ -74,7 +76,7 @@ def chain(tmp_path_factory, ray_cluster) -> dict:
     config_path = write_config(root)
     paths = Config.load(config_path).paths.resolved()
     run = {"root": root, "config": str(config_path), "paths": paths}
-    run["import_rc"] = job_main("import_tokenizer")(["vqgan", "--checkpoint", str(ckpt), "--model-yaml",
+    run["import_rc"] = job_main("import_model")(["vqgan", "--checkpoint", str(ckpt), "--model-yaml",
                                                      str(model_yaml), "--output", paths.vae])
     for job in ("make_synthetic", "train_tokenizer", "pretokenize", "train"):
         run[f"{job}_rc"] = job_main(job)(["--config", str(config_path)])
@@ -115,14 +117,19 @@ def test_ten_steps_then_generate_and_rerank(chain, tmp_path, capsys):
     records = [json.loads(line) for line in Path(paths.runs, "dalle", "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == list(range(1, 11))
 
-    clip_path = str(tmp_path / "clip.pt")
+    # The reranker is an open_clip model (random weights, saved as open_clip releases them), imported once.
     torch.manual_seed(0)
-    save_model(CLIP(Config.load(chain["config"]).clip), clip_path)
+    reference = open_clip.create_model("ViT-S-32-alt", pretrained=None)
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(tmp_path / "open_clip.safetensors"))
+    clip_path = str(tmp_path / "clip.safetensors")
+    assert job_main("import_model")(["open_clip", "--model", "ViT-S-32-alt", "--checkpoint",
+                                     str(tmp_path / "open_clip.safetensors"), "--output", clip_path]) == 0
     capsys.readouterr()
     assert job_main("generate")(["--config", chain["config"], "--prompt", "a small red circle", "--clip", clip_path,
                                  "--output", str(tmp_path / "gen")]) == 0
-    summary = json.loads(capsys.readouterr().out)
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert len(summary["files"]) == 3 and summary["scores"] == sorted(summary["scores"], reverse=True)
+    assert len(set(summary["scores"])) == 3  # open_clip told the candidates apart
     assert Image.open(summary["files"][0]).size == (32, 32)
 
 

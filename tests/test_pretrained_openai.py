@@ -96,7 +96,7 @@ def test_import_job(reference, tmp_path, capsys) -> None:
     enc.write_bytes(released_bytes(reference[0]))
     dec.write_bytes(released_bytes(reference[1]))
     out = tmp_path / "models" / "openai_dvae.pt"
-    run = job_main("import_tokenizer")
+    run = job_main("import_model")
     assert run(["openai", "--encoder", str(enc), "--decoder", str(dec), "--image-size", "64",
                 "--output", str(out)]) == 0
     printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])

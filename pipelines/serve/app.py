@@ -64,8 +64,8 @@ def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: Samp
     benchmark): check prompts, sample every accepted one in one pass, return uint8 pictures or a status."""
     checks = checker.check([r["prompt"] for r in requests])
     out: list[dict[str, Any]] = [
-        {"status": c.status, "detail": c.detail, "text_ids": c.text_ids, "images": None, "seed": None}
-        for c in checks]
+        {"status": c.status, "detail": c.detail, "caption": r["prompt"], "text_ids": c.text_ids, "images": None,
+         "seed": None} for r, c in zip(requests, checks, strict=True)]
     ok = [i for i, c in enumerate(checks) if c.ok]
     # One pass needs one candidate count; a batch mixing counts runs one pass per count.
     for n in sorted({int(requests[i].get("num_candidates") or sampling.num_candidates) for i in ok}):
@@ -84,12 +84,15 @@ def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: Samp
 
 
 def score_batch(clip: torch.nn.Module, requests: list[dict[str, Any]]) -> list[list[float]]:
-    """The Scorer's work for one batch: every candidate of every request in one CLIP pass."""
-    seq = clip.config.text_seq_len
+    """The Scorer's work for one batch: every candidate of every request in one CLIP pass. Requests carry both
+    the BPE ids (our CLIP reads them) and the caption (an open_clip scorer tokenizes it itself)."""
     counts = [len(r["images"]) for r in requests]
-    text = pad_text_ids([r["text_ids"] for r in requests], seq).repeat_interleave(torch.tensor(counts), dim=0)
+    ids = [r["text_ids"] for r in requests]
+    seq = getattr(clip.config, "text_seq_len", None) or max(len(i) for i in ids)
+    text = pad_text_ids(ids, seq).repeat_interleave(torch.tensor(counts), dim=0)
+    captions = [r.get("caption", "") for r, n in zip(requests, counts, strict=True) for _ in range(n)]
     images = from_uint8(np.concatenate([r["images"] for r in requests]))
-    scores = score_candidates(clip, text, images[:, None])[:, 0]
+    scores = score_candidates(clip, text, images[:, None], captions)[:, 0]
     return [s.tolist() for s in scores.split(counts)]
 
 
@@ -240,7 +243,8 @@ class DalleApp:
                   "num_candidates": n, "settings": dict(vars(self.sampling), num_candidates=n), "candidates": []}
         if gen["images"] is None:
             return result
-        scores = await self.scorer.score.remote({"text_ids": gen["text_ids"], "images": gen["images"]})
+        scores = await self.scorer.score.remote({"text_ids": gen["text_ids"], "caption": gen["caption"],
+                                                 "images": gen["images"]})
         order = rank_order(torch.tensor([scores]))[0].tolist()
         result["candidates"] = [{"rank": r, "candidate": c, "score": scores[c], "image": gen["images"][c]}
                                 for r, c in enumerate(order)]

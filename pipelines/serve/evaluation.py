@@ -146,7 +146,7 @@ class ServeClient:
         return gens
 
     def _score(self, gens: list[dict[str, Any]]) -> list[list[float] | Exception | None]:
-        futures = [self.scorer.score.remote({"text_ids": g["text_ids"], "images": g["images"]})
+        futures = [self.scorer.score.remote({"text_ids": g["text_ids"], "caption": g["caption"], "images": g["images"]})
                    if g["images"] is not None else None for g in gens]
         out: list[list[float] | Exception | None] = []
         for fut in futures:
