@@ -127,7 +127,7 @@ def test_ten_steps_then_generate_and_rerank(chain, tmp_path, capsys):
     capsys.readouterr()
     assert job_main("generate")(["--config", chain["config"], "--prompt", "a small red circle", "--clip", clip_path,
                                  "--output", str(tmp_path / "gen")]) == 0
-    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    summary = json.loads(capsys.readouterr().out)  # the job prints one indented JSON object
     assert len(summary["files"]) == 3 and summary["scores"] == sorted(summary["scores"], reverse=True)
     assert len(set(summary["scores"])) == 3  # open_clip told the candidates apart
     assert Image.open(summary["files"][0]).size == (32, 32)
