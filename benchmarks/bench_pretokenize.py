@@ -2,7 +2,8 @@
 
     python benchmarks/bench_pretokenize.py                   # 10k pairs, tiny config's dVAE shape
     python benchmarks/bench_pretokenize.py --num-pairs 2000 --config configs/tiny.yaml
-    python benchmarks/bench_pretokenize.py --kinds all --image-size 256 --num-pairs 64   # every kind at 256 px
+    python benchmarks/bench_pretokenize.py --kinds all --image-size 256 --num-pairs 64 --samples-per-shard 8 \
+        --batch-size 8 --concurrency 2 --num-cpus-per-actor 0.5   # every kind at 256 px, both cores encoding
 
 ``--kinds`` runs each image tokenizer at the released shape (random weights: speed does not depend on them):
 ``DiscreteVAE`` as the config's ``vae`` section (``--image-size`` overrides its side), ``OpenAIDVAE`` as OpenAI's
@@ -92,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
                         help=f"comma-separated image tokenizer kinds, or 'all' ({', '.join(IMAGE_TOKENIZER_KINDS)})")
     parser.add_argument("--image-size", type=int, default=None, help="picture side (default: the config's vae)")
     parser.add_argument("--output", default=None, help="also write the JSON here")
+    for flag, kind in (("batch-size", int), ("concurrency", int), ("num-cpus-per-actor", float)):
+        parser.add_argument(f"--{flag}", type=kind, default=None, help=f"pretokenize.{flag.replace('-', '_')}")
     args = parser.parse_args(argv)
     kinds = list(IMAGE_TOKENIZER_KINDS) if args.kinds == "all" else args.kinds.split(",")
     unknown = sorted(set(kinds) - set(IMAGE_TOKENIZER_KINDS))
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
                  "synthetic.holdout_pairs": [], "synthetic.image_size": 32}
     if args.image_size:
         overrides["vae.image_size"] = args.image_size
+    for name in ("batch_size", "concurrency", "num_cpus_per_actor"):
+        if getattr(args, name) is not None:
+            overrides[f"pretokenize.{name}"] = getattr(args, name)
     config = Config.load(args.config if os.path.exists(args.config) else None, overrides)
     config.synthetic.image_size = size = config.vae.image_size
     results = []
@@ -120,7 +126,8 @@ def main(argv: list[str] | None = None) -> int:
         ray.shutdown()
     report = {
         "num_pairs": len(rows), "image_size": size, "batch_size": config.pretokenize.batch_size,
-        "actors": config.pretokenize.concurrency, "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+        "actors": config.pretokenize.concurrency, "cpus_per_actor": config.pretokenize.num_cpus_per_actor,
+        "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "dtype": "float32",
         "kinds": results, "load_average_1m": round(os.getloadavg()[0], 2),

@@ -29,6 +29,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import torch
 from torch import nn
 
@@ -193,10 +194,12 @@ def image_tokenizer_from_bytes(data: bytes, expected: VAEConfig | None = None) -
 
 
 class DVAEEncoder:
-    """Actor UDF: holds the frozen dVAE and turns pixel rows into code rows (rejects get zeros, dropped later)."""
+    """Actor UDF: holds the frozen dVAE and turns pixel rows into code rows (rejects get zeros, dropped later).
+    The checkpoint comes as an object reference: the bytes the driver hashed, stored once, not pickled into the
+    UDF (hundreds of MB for the released tokenizers)."""
 
-    def __init__(self, vae_bytes: bytes, num_threads: int) -> None:
-        self.model = image_tokenizer_from_bytes(vae_bytes)
+    def __init__(self, vae_ref: ray.ObjectRef, num_threads: int) -> None:
+        self.model = image_tokenizer_from_bytes(ray.get(vae_ref))
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model.to(self.device).eval()
         if self.device.type == "cpu":
@@ -441,7 +444,7 @@ def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int],
             "min_image_size": config.min_image_size, "channels": cfg.channels, "duplicates": duplicates})
         ds = ds.map_batches(
             DVAEEncoder, batch_size=config.batch_size, batch_format="pyarrow",
-            **encoder_actor_options(config), fn_constructor_kwargs={"vae_bytes": models.vae_bytes,
+            **encoder_actor_options(config), fn_constructor_kwargs={"vae_ref": ray.put(models.vae_bytes),
                                    "num_threads": int(config.num_cpus_per_actor)})
     pending: dict[str, list[pa.Table]] = defaultdict(list)
     counts: Counter[str] = Counter()
