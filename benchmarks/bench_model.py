@@ -11,19 +11,13 @@ threads and dtype, alternating, best of several rounds. The reference is importe
 from __future__ import annotations
 
 import argparse
-import json
-import sys
-import time
-from contextlib import nullcontext
-from pathlib import Path
 
+import model_timing as timing
 import torch
 
 from dalle_core.config import DALLEConfig
 from dalle_core.dalle import DALLE
-from dalle_core.train_utils import measure_peak_flops, mfu
 
-PEER_STUBS = Path(__file__).resolve().parents[1].parent / "shared" / "peer" / "stubs"
 BATCH, TEXT_LEN, FMAP, TEXT_VOCAB, CODEBOOK = 8, 32, 8, 10000, 512
 
 
@@ -34,12 +28,10 @@ def our_model() -> DALLE:
 
 
 def peer_model() -> torch.nn.Module | None:
-    sys.path.insert(0, str(PEER_STUBS))
-    try:
-        from dalle_pytorch import DALLE as PeerDALLE
-        from dalle_pytorch import DiscreteVAE as PeerVAE
-    except ImportError:
+    classes = timing.import_peer()
+    if classes is None:
         return None
+    PeerDALLE, PeerVAE = classes  # noqa: N806 (classes)
     vae = PeerVAE(image_size=FMAP * 4, num_layers=2, num_tokens=CODEBOOK, codebook_dim=64, hidden_dim=16)
     return PeerDALLE(dim=256, vae=vae, num_text_tokens=TEXT_VOCAB, text_seq_len=TEXT_LEN, depth=4, heads=4,
                      dim_head=64, attn_types=("full",), rotary_emb=True, shift_tokens=True)
@@ -52,45 +44,6 @@ def data() -> tuple[torch.Tensor, torch.Tensor]:
     return text, torch.randint(0, CODEBOOK, (BATCH, FMAP * FMAP), generator=g)
 
 
-def train_step_seconds(model: torch.nn.Module, peer: bool, dtype: torch.dtype, steps: int) -> float:
-    """Median seconds of one forward+backward+AdamW step."""
-    text, codes = data()
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-    times = []
-    for i in range(steps + 2):
-        start = time.perf_counter()
-        with autocast:
-            out = model(text, codes, return_loss=True)
-        loss = out if peer else out[0]
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if i >= 2:
-            times.append(time.perf_counter() - start)
-    return sorted(times)[len(times) // 2]
-
-
-def generation_seconds(model: DALLE, use_cache: bool, cond_scale: float, dtype: torch.dtype) -> float:
-    text, _ = data()
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-    start = time.perf_counter()
-    with autocast:
-        model.generate_image_codes(text, use_cache=use_cache, cond_scale=cond_scale,
-                                   generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - start
-
-
-def peer_generation_seconds(model: torch.nn.Module, cond_scale: float, dtype: torch.dtype) -> float:
-    text, _ = data()
-    autocast = torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
-    start = time.perf_counter()
-    with autocast:
-        model.generate_images(text, use_cache=True, cond_scale=cond_scale)
-    return time.perf_counter() - start
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6, help="timed training steps per round")
@@ -99,43 +52,35 @@ def main() -> None:
     args = parser.parse_args()
     torch.manual_seed(0)
     ours, peer = our_model(), peer_model()
-    peer_params = None
-    if peer is not None:
-        peer_params = sum(p.numel() for n, p in peer.named_parameters() if not n.startswith("vae."))
+    text, codes = data()
     tokens_per_step = BATCH * ours.seq_len
-    def peak_flops() -> dict[str, float]:
-        dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
-        return {k: measure_peak_flops(dtype=d, size=1024, seconds=1.0) for k, d in dtypes.items()}
-
-    peak = peak_flops()
     report: dict = {
         "config": {"dim": 256, "depth": 4, "heads": 4, "text_seq_len": TEXT_LEN, "image_seq_len": FMAP * FMAP,
                    "batch": BATCH, "text_vocab": TEXT_VOCAB, "codebook": CODEBOOK},
-        "threads": torch.get_num_threads(),
-        "params": {"ours": ours.num_params(), "reference": peer_params},
+        "machine": timing.machine_info(),
+        "params": {"ours": ours.num_params(), "reference": None if peer is None else timing.peer_params(peer)},
         "train": {},
         "generate": {},
     }
     for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-        # A busy machine lowers a single peak reading; the best of repeated readings is the ceiling.
-        peak = {k: max(v, peak[k]) for k, v in peak_flops().items()}
-        report["matmul_gflops"] = {k: v / 1e9 for k, v in peak.items()}
-        best_ours, best_peer = float("inf"), float("inf")
+        best_ours, best_peer, peak = float("inf"), float("inf"), 0.0
         for _ in range(args.rounds):
-            best_ours = min(best_ours, train_step_seconds(ours, False, dtype, args.steps))
+            peak = max(peak, timing.matmul_peak(dtype, ours, tokens_per_step))
+            best_ours = min(best_ours, timing.train_step_seconds(ours, False, dtype, args.steps, (text, codes)))
             if peer is not None:
-                best_peer = min(best_peer, train_step_seconds(peer, True, dtype, args.steps))
+                best_peer = min(best_peer, timing.train_step_seconds(peer, True, dtype, args.steps, (text, codes)))
         tps = tokens_per_step / best_ours
-        entry = {"tokens_per_s": tps, "mfu": mfu(tps, ours.flops_per_token(), peak[name])}
+        entry = {"tokens_per_s": tps, "matmul_peak_gflops": peak / 1e9,
+                 "mfu": timing.checked_mfu(name, tps, ours, peak)}
         if peer is not None:
             entry["reference_tokens_per_s"] = tokens_per_step / best_peer
             entry["speedup_vs_reference"] = best_peer / best_ours
         report["train"][name] = entry
 
         image_tokens = BATCH * FMAP * FMAP
-        cached = min(generation_seconds(ours, True, 1.0, dtype) for _ in range(2))
-        recomputed = generation_seconds(ours, False, 1.0, dtype)
-        guided = min(generation_seconds(ours, True, 3.0, dtype) for _ in range(2))
+        cached = min(timing.generation_seconds(ours, text, 1.0, dtype) for _ in range(2))
+        recomputed = timing.generation_seconds(ours, text, 1.0, dtype, use_cache=False)
+        guided = min(timing.generation_seconds(ours, text, 3.0, dtype) for _ in range(2))
         gen = {
             "cached_image_tokens_per_s": image_tokens / cached,
             "recompute_image_tokens_per_s": image_tokens / recomputed,
@@ -144,15 +89,11 @@ def main() -> None:
             "guidance_cost": guided / cached,
         }
         if peer is not None:
-            # The reference only uses its cache when cond_scale != 1 (its bug 2); compare guided with guided.
-            peer_guided = peer_generation_seconds(peer, 3.0, dtype)
+            peer_guided = timing.peer_generation_seconds(peer, text, 3.0, dtype)
             gen["reference_guided_cached_image_tokens_per_s"] = image_tokens / peer_guided
             gen["guided_speedup_vs_reference"] = peer_guided / guided
         report["generate"][name] = gen
-    text = json.dumps(report, indent=2)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text)
+    timing.write_report(report, args.out)
 
 
 if __name__ == "__main__":

@@ -151,6 +151,12 @@ class DALLEConfig(Section):
     ff_dropout: float = bound(0.0, ge=0.0, lt=1.0)
     loss_img_weight: float = bound(7.0, ge=0)
     null_cond_prob: float = bound(0.0, ge=0.0, lt=1.0)
+    # How axial_row / axial_col / conv_like layers attend over a whole sequence: "structured" scores only the
+    # keys a pattern allows (grid rows, columns, windows); "mask" hands SDPA a dense boolean mask over every
+    # position pair (the reference the tests compare against).
+    sparse_attention: str = bound("structured", choices=("structured", "mask"))
+    # Recompute each block's activations in the backward pass instead of storing them (less memory, ~1.3x FLOPs).
+    activation_checkpointing: bool = False
 
     @property
     def image_seq_len(self) -> int:

@@ -8,9 +8,12 @@ then generation. Sequence layout for a ``text_seq_len`` T and ``image_seq_len`` 
 
 Position ``p`` predicts token ``p + 1``: positions ``< T`` predict text, positions ``>= T`` predict image codes.
 Every padded text slot gets its own pad id (``num_text_tokens + slot``) so the model can tell where a short
-caption ended. Each attention pattern is a boolean matrix over the whole sequence, handed to PyTorch's
-``scaled_dot_product_attention``; cached generation slices the same rows, so cached and uncached sampling
-compute the same thing.
+caption ended. Each attention pattern is defined once, as a boolean matrix over the whole sequence. ``full``
+goes to PyTorch's ``scaled_dot_product_attention`` as causal attention. Over a whole sequence (training) the
+sparse patterns are computed by :func:`sparse_attention` on the image grid's rows, columns or windows, so only
+the keys a pattern allows are ever scored; a cached sampling step gathers just the keys its row allows;
+anything else (and ``sparse_attention: mask``) hands the matrix to SDPA, the reference the tests hold the fast
+paths to.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from dalle_core.config import DALLEConfig
 
@@ -56,6 +60,70 @@ def attention_mask(kind: str, text_len: int, fmap: int, kernel_size: int = 5) ->
     key_is_text = pos[None, :] < text_len
     query_is_text = pos[:, None] < text_len
     return causal & (key_is_text | query_is_text | near)
+
+
+def allowed_keys(mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Per query row of a pattern ``mask [seq, seq]``: the key positions it may attend, ``[seq, W]`` padded to
+    the widest row, and which of those entries are real. A cached step attends only these ``W`` keys (text +
+    one grid row for the axial patterns, instead of every earlier position)."""
+    counts = mask.sum(1)
+    width = int(counts.max())
+    order = torch.sort(mask.to(torch.int8), dim=1, descending=True, stable=True).indices[:, :width]
+    valid = torch.arange(width)[None, :] < counts[:, None]
+    return order.masked_fill(~valid, 0), valid
+
+
+def sparse_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, fmap: int, kernel_size: int,
+                     dropout: float = 0.0) -> Tensor:
+    """``attention_mask(kind)`` attention over a whole sequence (``q, k, v [B, H, seq, D]``), scoring only the
+    allowed keys: text queries attend causally over text; each image query scores every text key plus the
+    earlier image keys of its grid row (``axial_row``), column (``axial_col``) or ``kernel_size`` window
+    (``conv_like``), all in one softmax. Attention costs ``image x (text + fmap)`` score entries instead of
+    ``seq^2 / 2``, with autograd, on any device, without a ``seq x seq`` matrix.
+    """
+    b, h, seq, d = q.shape
+    scale = d**-0.5
+    out_text = F.scaled_dot_product_attention(q[:, :, :text_len], k[:, :, :text_len], v[:, :, :text_len],
+                                              is_causal=True, dropout_p=dropout)
+    # The image part as a full fmap x fmap grid: the one padded cell is last in raster, row and column order,
+    # so only its own (discarded) query could see it.
+    pad = text_len + fmap * fmap - seq
+    qi, ki, vi = (F.pad(x[:, :, text_len:], (0, 0, 0, pad)).view(b, h, fmap, fmap, d) for x in (q, k, v))
+    kt, vt = k[:, :, None, :text_len], v[:, :, None, :text_len]
+    if kind == "axial_col":  # columns become lines; back to rows at the end
+        qi, ki, vi = (x.transpose(2, 3) for x in (qi, ki, vi))
+    scores_text = (qi @ kt.transpose(-1, -2)) * scale  # [B, H, line, cell, text]
+    if kind in ("axial_row", "axial_col"):
+        scores_local = (qi @ ki.transpose(-1, -2)) * scale  # [B, H, line, query cell, key cell]
+        allowed = torch.ones(fmap, fmap, dtype=torch.bool, device=q.device).tril()
+    elif kind == "conv_like":  # the window's rows: this one and kernel_size // 2 above it, as one band of keys
+        half = kernel_size // 2
+        ki, vi = (torch.cat([F.pad(x, (0, 0, 0, 0, half, 0))[:, :, i:i + fmap] for i in range(half + 1)], dim=3)
+                  for x in (ki, vi))  # [B, H, row, (half + 1) * fmap, D], the highest row first
+        scores_local = (qi @ ki.transpose(-1, -2)) * scale  # [B, H, row, col, band]
+        allowed = _band_allowed(fmap, half, q.device)
+    else:
+        raise ValueError(f"no structured path for attention pattern {kind!r}")
+    scores_local = scores_local.masked_fill(~allowed, float("-inf"))
+    probs = torch.softmax(torch.cat([scores_text, scores_local], dim=-1).float(), dim=-1).to(v.dtype)
+    probs = F.dropout(probs, dropout) if dropout > 0 else probs
+    p_text, p_local = probs.split([text_len, probs.shape[-1] - text_len], dim=-1)
+    out = p_text @ vt + p_local @ vi
+    if kind == "axial_col":
+        out = out.transpose(2, 3)
+    out_image = out.reshape(b, h, fmap * fmap, d)[:, :, : seq - text_len]
+    return torch.cat([out_text, out_image], dim=2)
+
+
+def _band_allowed(fmap: int, half: int, device: torch.device) -> Tensor:
+    """``[row, col, (half + 1) * fmap]``: which keys of a cell's band (rows ``row - half .. row``) are in its
+    window: inside the grid, within ``half`` columns, and at or before the cell in raster order."""
+    cells = torch.arange(fmap, device=device)
+    dr = torch.arange(-half, 1, device=device).repeat_interleave(fmap)  # band entry -> row offset, key column
+    key_col = cells.repeat(half + 1)
+    rows, cols = cells[:, None, None], cells[None, :, None]
+    inside = (rows + dr >= 0) & ((key_col - cols).abs() <= half)
+    return inside & ((dr < 0) | (key_col <= cols))
 
 
 def shift_offsets(text_len: int, fmap: int) -> Tensor:
@@ -144,6 +212,25 @@ class Block(nn.Module):
             parts.append(taken * (offsets[i] > 0)[None, :, None].to(x.dtype))
         return torch.cat([*parts, x[..., 2 * q:]], dim=-1)
 
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, tables: dict[str, Any], cached: bool) -> Tensor:
+        """Attention of queries at positions ``start ..`` over keys ``0 .. start + n - 1`` under this layer's
+        pattern, by the cheapest path that computes the same thing."""
+        n = q.shape[2]
+        dropout = self.attn_dropout if self.training else 0.0
+        kind = self.attn_type
+        if kind == "full":  # from 0: causal; a cached step: every stored key is in the past
+            return F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1, dropout_p=dropout)
+        if tables["structured"] and start == 0 and n == tables[kind].shape[0]:
+            text_len, fmap, kernel_size = tables["grid"]
+            return sparse_attention(kind, q, k, v, text_len, fmap, kernel_size, dropout)
+        if cached and n == 1:
+            keys, valid = tables[f"keys_{kind}"]
+            index = keys[start]
+            return F.scaled_dot_product_attention(q, k.index_select(2, index), v.index_select(2, index),
+                                                  attn_mask=valid[start][None])
+        mask = tables[kind][start:start + n, :start + n]
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
+
     def forward(self, x: Tensor, pos: Tensor, tables: dict[str, Any], cache: LayerCache | None) -> Tensor:
         b, n, _ = x.shape
         start = int(pos[0])
@@ -162,15 +249,7 @@ class Block(nn.Module):
             cache.k[:, :, start:start + n] = k
             cache.v[:, :, start:start + n] = v
             k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
-        dropout = self.attn_dropout if self.training else 0.0
-        if self.attn_type == "full" and start == 0:
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=n > 1, dropout_p=dropout)
-        elif self.attn_type == "full":  # a cached step: every stored key is in the past
-            out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout)
-        else:
-            mask = tables[self.attn_type][pos, :start + n]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
-        x = x + self.to_out(out.transpose(1, 2).reshape(b, n, -1))
+        x = x + self.to_out(self._attend(q, k, v, start, tables, cache is not None).transpose(1, 2).reshape(b, n, -1))
 
         h = self.norm2(x)
         if self.shift:
@@ -214,9 +293,13 @@ class DALLE(nn.Module):
         self.to_text_logits = nn.Linear(cfg.dim, self.num_text_vocab)
         self.to_image_logits = nn.Linear(cfg.dim, cfg.num_image_tokens)
 
-        for kind in set(kinds) - {"full"}:
-            self.register_buffer(f"mask_{kind}", attention_mask(kind, self.text_len, fmap, cfg.conv_kernel_size),
-                                 persistent=False)
+        self.sparse_kinds = sorted(set(kinds) - {"full"})
+        for kind in self.sparse_kinds:
+            mask = attention_mask(kind, self.text_len, fmap, cfg.conv_kernel_size)
+            keys, valid = allowed_keys(mask)
+            self.register_buffer(f"mask_{kind}", mask, persistent=False)
+            self.register_buffer(f"keys_{kind}", keys, persistent=False)
+            self.register_buffer(f"valid_{kind}", valid, persistent=False)
         self.register_buffer("shift_table", shift_offsets(self.text_len, fmap), persistent=False)
         if cfg.rotary_emb:
             angles = rotary_angles(self.text_len, fmap, cfg.dim_head)
@@ -253,17 +336,23 @@ class DALLE(nn.Module):
         cfg = self.config
         inner = cfg.heads * cfg.dim_head
         block = 4 * cfg.dim * inner + 3 * cfg.ff_mult * cfg.dim * cfg.dim
-        attention = 2 * inner * (self.seq_len + 1) / 2
+        context = {"full": (self.seq_len + 1) / 2}  # mean keys per query; the sparse paths compute only these
+        context.update({kind: getattr(self, f"mask_{kind}").sum().item() / self.seq_len
+                        for kind in self.sparse_kinds})
+        attention = sum(2 * inner * context[layer.attn_type] for layer in self.blocks)
         logits = cfg.dim * (cfg.text_seq_len * self.num_text_vocab + cfg.image_seq_len * cfg.num_image_tokens)
-        return 6.0 * (cfg.depth * (block + attention) + logits / self.seq_len)
+        return 6.0 * (cfg.depth * block + attention + logits / self.seq_len)
 
     # -- forward --------------------------------------------------------------------------------------------
 
     def _tables(self) -> dict[str, Any]:
-        tables: dict[str, Any] = {"shift": self.shift_table, "window": self.config.image_fmap_size}
-        for kind in ("axial_row", "axial_col", "conv_like"):
-            if hasattr(self, f"mask_{kind}"):
-                tables[kind] = getattr(self, f"mask_{kind}")
+        cfg = self.config
+        tables: dict[str, Any] = {"shift": self.shift_table, "window": cfg.image_fmap_size,
+                                  "structured": cfg.sparse_attention == "structured",
+                                  "grid": (self.text_len, cfg.image_fmap_size, cfg.conv_kernel_size)}
+        for kind in self.sparse_kinds:
+            tables[kind] = getattr(self, f"mask_{kind}")
+            tables[f"keys_{kind}"] = getattr(self, f"keys_{kind}"), getattr(self, f"valid_{kind}")
         if self.config.rotary_emb:
             tables["cos"], tables["sin"] = self.rot_cos, self.rot_sin
         return tables
@@ -301,8 +390,12 @@ class DALLE(nn.Module):
         x = self._embed(ids, start)
         pos = torch.arange(start, start + ids.shape[1], device=ids.device)
         tables = self._tables()
+        recompute = self.config.activation_checkpointing and torch.is_grad_enabled() and caches is None
         for i, block in enumerate(self.blocks):
-            x = block(x, pos, tables, caches[i] if caches is not None else None)
+            if recompute:
+                x = checkpoint(block, x, pos, tables, None, use_reentrant=False)
+            else:
+                x = block(x, pos, tables, caches[i] if caches is not None else None)
         return self.norm(x)
 
     def forward(

@@ -46,13 +46,17 @@ class WarmupCosine:
 
 
 def make_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
-    """torch AdamW with weight decay on matrices only: decaying biases, norms and 1-D gains hurts."""
+    """torch AdamW with weight decay on matrices only: decaying biases, norms and 1-D gains hurts. Fused (one
+    kernel over every tensor) where the parameters allow: on CPU the per-tensor loop took 0.34 s a step for a
+    34 M-parameter DALLE, the fused kernel 0.016 s."""
     decay, no_decay = [], []
     for param in model.parameters():
         if param.requires_grad:
             (decay if param.ndim >= 2 else no_decay).append(param)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
     groups = [{"params": decay, "weight_decay": optim.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas))
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=optim.lr, betas=tuple(optim.betas),
+                             fused=fused)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig,
@@ -80,23 +84,31 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
 
 
 def measure_peak_flops(device: torch.device | str = "cpu", size: int = 512, seconds: float = 0.3,
-                       dtype: torch.dtype = torch.float32) -> float:
+                       dtype: torch.dtype = torch.float32, shape: tuple[int, int, int] | None = None,
+                       readings: int = 3) -> float:
     """Dense-matmul FLOP/s this process reaches now: the practical peak when no spec-sheet number is given.
 
-    Measured rather than assumed because CPU peaks depend on cores, SIMD width and what else is running.
+    Measured rather than assumed because CPU peaks depend on cores, SIMD width and what else is running. A busy
+    moment reads low (and an MFU against it high), so the best of ``readings`` counts; ``shape`` ``(m, k, n)``
+    times the model's own matmul instead of a ``size`` square.
     """
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
+    m, k, n = shape or (size, size, size)
+    a = torch.randn(m, k, device=device, dtype=dtype)
+    b = torch.randn(k, n, device=device, dtype=dtype)
     a @ b  # warm-up: first call pays for thread-pool and kernel selection
-    count, start = 0, time.perf_counter()
-    while True:
-        a @ b
-        count += 1
-        if torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        elapsed = time.perf_counter() - start
-        if elapsed >= seconds:
-            return 2.0 * size**3 * count / elapsed
+    best = 0.0
+    for _ in range(readings):
+        count, start = 0, time.perf_counter()
+        while True:
+            a @ b
+            count += 1
+            if torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            elapsed = time.perf_counter() - start
+            if elapsed >= seconds:
+                best = max(best, 2.0 * m * k * n * count / elapsed)
+                break
+    return best
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:

@@ -160,7 +160,11 @@ def train_memory_per_worker(cfg: Config, sizes: dict[str, float] | None = None) 
     grads = elem * params / (n if stage >= 2 else 1)
     optimizer = optimizer_bytes_per_param(train.precision) * params / (n if stage >= 1 else 1)
     tokens = train.batch_size * sizes["seq_len"]
-    activations = tokens * dalle.depth * dalle.dim * ACTIVATION_ELEMENTS_PER_DIM * elem
+    layer_activations = tokens * dalle.dim * ACTIVATION_ELEMENTS_PER_DIM * elem
+    if dalle.activation_checkpointing:  # each block's input is kept; one block's activations are recomputed
+        activations = tokens * dalle.depth * dalle.dim * elem + layer_activations
+    else:
+        activations = dalle.depth * layer_activations
     # The loss scores text positions over the text vocabulary and image positions over the codebook; the
     # logits are kept in the model dtype and once more in fp32 by the cross-entropy.
     text_vocab = dalle.num_text_tokens + dalle.text_seq_len

@@ -4,8 +4,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from dalle_core import dalle as dalle_module
 from dalle_core.config import ATTN_TYPES, ConfigError, DALLEConfig
-from dalle_core.dalle import DALLE, attention_mask, sample_logits
+from dalle_core.dalle import DALLE, attention_mask, sample_logits, sparse_attention
 
 PATTERNS = [["full"], ["axial_row"], ["axial_col"], ["conv_like"], ["axial_row", "axial_col", "conv_like", "full"]]
 
@@ -67,6 +68,69 @@ def test_cached_step_logits_match_full_forward(attn_types):
             cached = torch.cat([model.to_text_logits(hidden), model.to_image_logits(hidden)], dim=-1)
         cached = cached.masked_fill(model.logits_mask, -torch.finfo(cached.dtype).max)
         torch.testing.assert_close(cached, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("kind", ["axial_row", "axial_col", "conv_like"])
+def test_structured_sparse_attention_equals_the_mask_path_forward_and_backward(kind, monkeypatch):
+    torch.manual_seed(2)
+    structured = DALLE(tiny_config(attn_types=[kind, "full"], depth=2, image_fmap_size=5))
+    masked = DALLE(tiny_config(attn_types=[kind, "full"], depth=2, image_fmap_size=5, sparse_attention="mask"))
+    masked.load_state_dict(structured.state_dict())
+    calls = []
+    real = dalle_module.sparse_attention
+    monkeypatch.setattr(dalle_module, "sparse_attention", lambda *a, **k: calls.append(a[0]) or real(*a, **k))
+    text, codes = batch(structured.config)
+    results = []
+    for model in (structured, masked):
+        model(text, codes, return_loss=True)[0].backward()
+        results.append({name: p.grad for name, p in model.named_parameters()})
+        with torch.no_grad():
+            results[-1]["logits"] = model.eval()(text, codes)
+    assert calls == [kind, kind]  # the structured model took the structured path, the masked one never did
+    for name, value in results[1].items():
+        torch.testing.assert_close(results[0][name], value, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["axial_row", "axial_col", "conv_like"])
+def test_structured_sparse_attention_matches_the_mask_in_bf16(kind):
+    torch.manual_seed(5)
+    text_len, fmap = 7, 6
+    seq = text_len + fmap * fmap - 1
+    q, k, v = torch.randn(3, 2, 2, seq, 16).unbind(0)
+    mask = attention_mask(kind, text_len, fmap, 3)
+    want = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    got = sparse_attention(kind, q.bfloat16(), k.bfloat16(), v.bfloat16(), text_len, fmap, 3)
+    assert got.dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=2e-2)
+
+
+def test_sparse_layers_count_only_the_keys_they_score():
+    shape = dict(text_seq_len=256, image_fmap_size=32, depth=1, dim=64, heads=1, dim_head=64)
+    full = DALLE(tiny_config(**shape)).flops_per_token()
+    for kind in ("axial_row", "axial_col", "conv_like"):
+        sparse = DALLE(tiny_config(attn_types=[kind], **shape)).flops_per_token()
+        assert sparse < 0.8 * full, kind
+
+
+def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients():
+    torch.manual_seed(3)
+    plain = DALLE(tiny_config(ff_dropout=0.2))
+    recomputed = DALLE(tiny_config(ff_dropout=0.2, activation_checkpointing=True))
+    recomputed.load_state_dict(plain.state_dict())
+    text, codes = batch(plain.config)
+    calls = []
+    recomputed.blocks[0].register_forward_pre_hook(lambda *args: calls.append(1))
+    grads = []
+    for model in (plain, recomputed):
+        torch.manual_seed(4)  # the same dropout draws: checkpointing replays the RNG state in its recompute
+        model(text, codes, return_loss=True)[0].backward()
+        grads.append({name: p.grad for name, p in model.named_parameters()})
+    assert len(calls) == 2  # forward once, again in backward
+    for name, value in grads[0].items():
+        torch.testing.assert_close(grads[1][name], value, msg=name)
+    with torch.no_grad():
+        recomputed(text, codes)
+    assert len(calls) == 3  # no recompute without gradients
 
 
 def test_guided_sampling_leaves_prompt_unchanged_and_uses_the_caption():
@@ -240,7 +304,7 @@ def test_sample_logits_top_k_by_fraction_and_by_count():
     ("overrides", "field"),
     [({"depth": 0}, "dalle.depth"), ({"attn_types": ["sparse"]}, "dalle.attn_types"),
      ({"dim_head": 12}, "dalle.dim_head"), ({"conv_kernel_size": 4}, "dalle.conv_kernel_size"),
-     ({"null_cond_prob": 1.5}, "dalle.null_cond_prob")],
+     ({"null_cond_prob": 1.5}, "dalle.null_cond_prob"), ({"sparse_attention": "flex"}, "dalle.sparse_attention")],
 )
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

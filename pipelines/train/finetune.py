@@ -27,7 +27,8 @@ from pipelines.train.runner import section_name
 MODELS = {"train": ("DALLE", "dalle"), "train_vae": ("DiscreteVAE", "vae"), "train_clip": ("CLIP", "clip")}
 # Per kind, the model fields a fine-tune may change: regularisation and loss weights, never shapes or layout.
 TRAINING_ONLY = {
-    "DALLE": frozenset({"attn_dropout", "ff_dropout", "loss_img_weight", "null_cond_prob"}),
+    "DALLE": frozenset({"attn_dropout", "ff_dropout", "loss_img_weight", "null_cond_prob",
+                        "sparse_attention", "activation_checkpointing"}),
     "DiscreteVAE": frozenset({"temperature", "straight_through", "kl_div_loss_weight", "diversity_loss_weight",
                               "smooth_l1_loss"}),
     "CLIP": frozenset(),
