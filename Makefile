@@ -2,6 +2,7 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 CONFIG ?= configs/tiny.yaml
+DEMO_FLAGS ?=  # e.g. DEMO_FLAGS="--seed 1 --root outputs/seed1": another draw of every random choice, its own folder
 STAMP := $(VENV)/.installed
 export DS_ACCELERATOR ?= cpu
 export NO_ALBUMENTATIONS_UPDATE := 1
@@ -26,7 +27,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) jobs/demo.py --config $(CONFIG)
+	$(PY) jobs/demo.py --config $(CONFIG) $(DEMO_FLAGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

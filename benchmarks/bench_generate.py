@@ -72,10 +72,8 @@ def write_models(config: Config, folder: Path) -> Config:
 
     config = Config.load(None, {"paths.root": str(folder), **_flatten(config)})
     paths = config.paths.resolved()
-    captions = [synthetic.caption_for(synthetic.Attributes(c, s, z, p), i) for i, (c, s, z, p) in enumerate(
-        (c, s, z, p) for c in synthetic.COLORS for s in synthetic.SHAPES for z in synthetic.SIZES
-        for p in synthetic.POSITIONS)]
-    BPETokenizer.train(captions, paths.tokenizer, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
+    BPETokenizer.train(synthetic.every_combination_captions(), paths.tokenizer, config.tokenizer.vocab_size,
+                       config.tokenizer.text_seq_len)
     torch.manual_seed(0)
     save_model(DiscreteVAE(config.vae), paths.vae)
     save_model(CLIP(config.clip), paths.clip)

@@ -136,6 +136,19 @@ def native_bf16(device: torch.device | str = "cpu") -> bool:
 
 def resolve_precision(precision: str, device: torch.device | str = "cpu") -> str:
     """``auto`` -> ``bf16`` where the device computes it natively, else ``fp32``; other values stay."""
-    if precision != "auto":
-        return precision
-    return "bf16" if native_bf16(device) else "fp32"
+    return precision_choice(precision, device)[0]
+
+
+def precision_choice(precision: str, device: torch.device | str = "cpu") -> tuple[str, str]:
+    """The precision a run uses and why, for its log: ``auto`` resolved by :func:`native_bf16`, and a warning
+    when ``bf16`` is asked for on a device that would emulate it."""
+    device = torch.device(device)
+    native = native_bf16(device)
+    what = f"native bf16 ({'CUDA' if device.type == 'cuda' else 'mkldnn: AVX512-BF16/AMX'})"
+    if precision == "auto":
+        return ("bf16", f"auto: this {device.type} has {what}") if native else \
+            ("fp32", f"auto: this {device.type} has no {what}")
+    if precision == "bf16" and not native:
+        return "bf16", (f"WARNING: bf16 set, but this {device.type} has no {what}; expect it many times slower "
+                        "than fp32 (precision: auto would pick fp32)")
+    return precision, "set in the config"

@@ -28,6 +28,7 @@ from pipelines.config import INGEST_SOURCES
 from pipelines.serve.report import format_metrics
 
 JOBS = Path(__file__).resolve().parent
+SEEDED = ("synthetic", "train_vae", "train", "train_clip", "sampling")  # the config sections with a seed field
 
 
 def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:
@@ -55,16 +56,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root", help="where every artifact goes, local or s3:// (paths.root)")
     parser.add_argument("--source", choices=INGEST_SOURCES, default="folder", help="kind of --input")
     parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
+    parser.add_argument("--seed", type=int, help="one seed for every stage that draws randomness: the synthetic "
+                        "set, the three trainers and sampling (" + ", ".join(SEEDED) + ")")
     parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
     parser.add_argument("--num-cpus", type=int, default=LOCAL_MIN_CPUS,
                         help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
                              "Ray Data)")
     args = parser.parse_args(argv)
 
-    config = load_job_config(args.config, {"paths.root": args.root})  # every mistake before a stage starts
+    seeds = {f"{section}.seed": args.seed for section in SEEDED} if args.seed is not None else {}
+    config = load_job_config(args.config, {"paths.root": args.root, **seeds})  # every mistake before a stage
     data = load_yaml(args.config)
     if args.root:
         data.setdefault("paths", {})["root"] = args.root
+    for section in SEEDED if args.seed is not None else ():
+        data.setdefault(section, {})["seed"] = args.seed
     workdir = Path(tempfile.mkdtemp(prefix="dalle-demo-"))
     config_path = str(workdir / "config.yaml")
     Path(config_path).write_text(yaml.safe_dump(data, sort_keys=False))

@@ -20,22 +20,13 @@ from pipelines.data import synthetic
 
 TINY = {
     "synthetic.image_size": 16,
-    "tokenizer.vocab_size": 128, "tokenizer.text_seq_len": 16,
+    "tokenizer.vocab_size": 256, "tokenizer.text_seq_len": 24,
     "vae.image_size": 16, "vae.num_layers": 2, "vae.num_tokens": 32, "vae.codebook_dim": 16, "vae.hidden_dim": 16,
     "dalle.dim": 32, "dalle.depth": 2, "dalle.heads": 2, "dalle.dim_head": 16,
     "clip.patch_size": 8, "clip.dim_text": 32, "clip.dim_image": 32, "clip.dim_latent": 32, "clip.heads": 2,
     "clip.text_depth": 1, "clip.image_depth": 1,
     "sampling.num_candidates": 4, "sampling.top_images": 2, "sampling.cond_scale": 2.0,
 }
-
-
-def captions() -> list[str]:
-    """Every synthetic caption template over every attribute combination (a complete vocabulary)."""
-    out = []
-    for i, combo in enumerate((c, s, z, p) for c in synthetic.COLORS for s in synthetic.SHAPES
-                              for z in synthetic.SIZES for p in synthetic.POSITIONS):
-        out.append(synthetic.caption_for(synthetic.Attributes(*combo), i))
-    return out
 
 
 def tiny_config(root: Path, **overrides: Any) -> Config:
@@ -47,7 +38,8 @@ def build_artifacts(root: Path, **overrides: Any) -> Config:
     expects them."""
     config = tiny_config(root, **overrides)
     paths = config.paths.resolved()
-    tok = BPETokenizer.train(captions(), paths.tokenizer, config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
+    tok = BPETokenizer.train(synthetic.every_combination_captions(), paths.tokenizer,
+                             config.tokenizer.vocab_size, config.tokenizer.text_seq_len)
     assert tok.vocab_size <= config.tokenizer.vocab_size
     torch.manual_seed(0)
     save_model(DiscreteVAE(config.vae), paths.vae)

@@ -310,15 +310,17 @@ def test_quality_bar_verdicts_and_missing_metrics():
 
     metrics = {"attribute_accuracy": {
         "seen": {"top1": entry(color=0.95, shape=0.70), "random": entry(all=0.6)},
-        "heldout": {"top1": entry(color=0.70)}}}
+        "heldout": {"top1": entry(all=0.85)}, "heldout_wording": {"top1": entry(all=0.69)}}}
     checks = {c["check"]: c for c in quality_bar(metrics)}
     assert checks["top-1 colour, seen (color, shape) pairs"]["passed"]
     assert not checks["top-1 shape, seen (color, shape) pairs"]["passed"]
-    assert checks["top-1 colour, held-out (color, shape) pairs"]["passed"]  # the minimum is inclusive
+    assert checks["top-1 all four right, held-out (color, shape) pairs"]["passed"]  # the minimum is inclusive
+    assert not checks["top-1 all four right, held-out wordings"]["passed"]
     rerank = checks["reranking beats a random candidate (all four, seen)"]
     assert not rerank["passed"] and rerank["minimum"] == 0.6 and rerank["strict"]
-    assert len(checks) == 4  # no dVAE score, so its check is left out rather than failed
+    assert len(checks) == 5  # no dVAE score, so its check is left out rather than failed
     metrics["vae_reconstruction"] = {"all": {"color": 1.0, "shape": 0.99, "both": 0.99, "n": 100}}
     table = format_metrics(dict(metrics, num_prompts=1, status_counts={"ok": 1}, quality_bar=quality_bar(metrics),
                                 clip_score={"top1_mean": 0.5, "random_mean": None}))
-    assert "dVAE keeps colour and shape" in table and table.count("MISSED") == 2
+    assert "dVAE keeps colour and shape" in table and table.count("MISSED") == 3
+    assert "held-out wordings" in table

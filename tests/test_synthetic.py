@@ -11,15 +11,19 @@ from pipelines.data.checker import check_picture, decode_jpeg, reconstruction_ac
 from pipelines.data.synthetic import (
     COLORS,
     POSITIONS,
+    SENTENCE_SHAPES,
     SHAPES,
     SIZES,
+    WORDING_SPLITS,
     Attributes,
     caption_for,
+    heldout_wording,
     holdout_examples,
     make_sample,
     parse_caption,
     render,
     sample_attributes,
+    sentence_shape,
     write_synthetic,
 )
 
@@ -79,11 +83,32 @@ def test_exact_palette_and_dark_background():
         assert pixels[0:3, 0:3].max() <= 30  # corner: background only
 
 
-def test_captions_name_every_attribute_in_every_template():
-    attrs = Attributes("cyan", "diamond", "small", "top")
-    captions = {caption_for(attrs, t) for t in range(5)}
-    assert len(captions) == 5
-    assert all(parse_caption(c) == attrs for c in captions)
+def test_grammar_names_every_attribute_in_many_sentence_shapes():
+    attrs = Attributes("cyan", "diamond", "small", "right")
+    rng = np.random.default_rng(0)
+    for wording in WORDING_SPLITS:
+        captions = {caption_for(attrs, rng, wording) for _ in range(300)}
+        assert len(captions) > 100
+        assert all(parse_caption(c) == attrs for c in captions)
+        assert {sentence_shape(c) for c in captions} == set(SENTENCE_SHAPES[wording])
+    assert len(SENTENCE_SHAPES["train"]) >= 10 and SENTENCE_SHAPES["heldout"]
+
+
+def test_heldout_wordings_share_no_sentence_shape_with_training_captions(tmp_path):
+    """Every training caption is in a training sentence shape, every held-out-wording prompt in a held-out one,
+    over the same words: the held-out wordings test word order, not vocabulary."""
+    config = SyntheticConfig(num_samples=400, samples_per_shard=200, holdout_pairs=HOLDOUT)
+    write_synthetic(config, str(tmp_path))
+    rows = [*_read(tmp_path).values(), *_read(tmp_path / "holdout").values()]
+    train_shapes = {sentence_shape(r["caption"]) for r in rows}
+    assert train_shapes <= set(SENTENCE_SHAPES["train"])
+    train_words = {w for r in rows for w in r["caption"].replace(",", " ").split()}
+    rng = np.random.default_rng(1)
+    for i in range(200):
+        attrs, _ = sample_attributes(5, i)
+        caption = caption_for(attrs, rng, "heldout")
+        assert sentence_shape(caption) not in train_shapes and heldout_wording(sentence_shape(caption))
+        assert set(caption.replace(",", " ").split()) <= train_words, caption
 
 
 @pytest.mark.parametrize("size,count", [(32, 400), (64, 100)])

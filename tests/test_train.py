@@ -32,7 +32,7 @@ from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.config import to_dict
 from dalle_core.dalle import DALLE
 from dalle_core.images import make_grid
-from dalle_core.train_utils import annealed_temperature, collate_tokens, lr_multiplier, mfu
+from dalle_core.train_utils import annealed_temperature, collate_tokens, lr_multiplier, mfu, precision_choice
 from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.manifest import SCHEMA_VERSION, token_schema
@@ -158,6 +158,16 @@ def test_lr_schedule_collate_grid_and_mfu():
     assert grid.shape == (8, 15, 3) and grid[:4].max() == 0 and grid[4:].min() == 255
     assert mfu(1000.0, 6.0e6, 1.2e10) == pytest.approx(0.5)
     assert annealed_temperature(0, 1.0, 0.1, 0.5) == 1.0 and annealed_temperature(100, 1.0, 0.1, 0.5) == 0.5
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_precision_auto_follows_native_bf16_and_explicit_bf16_warns(native, monkeypatch):
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: native)
+    chosen, why = precision_choice("auto")
+    assert chosen == ("bf16" if native else "fp32") and why.startswith("auto:") and ("no native" in why) != native
+    chosen, why = precision_choice("bf16")
+    assert chosen == "bf16" and ("WARNING" in why) != native
+    assert precision_choice("fp32") == ("fp32", "set in the config")
 
 
 def test_manifest_mismatch_fails_before_ray_starts(tmp_path, monkeypatch, capsys):

@@ -1,4 +1,4 @@
-"""The built-in synthetic data set: one coloured shape on a near-black picture, captioned from templates.
+"""The built-in synthetic data set: one coloured shape on a near-black picture, captioned by a small grammar.
 
 It is the embedded default of the whole chain (demo, tests, quality metric) because its captions are fully
 checkable: :func:`pipelines.data.checker.check_picture` reads colour, shape, size and position back from a
@@ -22,6 +22,8 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from itertools import permutations
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -56,16 +58,97 @@ SUPERSAMPLE = 4  # anti-aliasing: coverage is measured on a 4x4 grid per pixel
 JPEG_QUALITY = 95
 NOISE_CUT = 0.15  # coverage below this is treated as background by the checker
 
-_AT = {"left": "on the left", "right": "on the right", "top": "at the top", "bottom": "at the bottom",
-       "center": "in the center"}
-_SIDE = {"left": "left side", "right": "right side", "top": "top", "bottom": "bottom", "center": "center"}
-TEMPLATES = (
-    "a {size} {color} {shape} {at}",
-    "{color} {shape}, {size}, {side}",
-    "{at} there is a {size} {color} {shape}",
-    "a {color} {shape} of {size} size {at}",
-    "{size} {shape} in {color}, {side}",
-)
+# Captions come from a small grammar, not a list of templates: the model must learn the words, not sentence
+# shapes. A caption's *sentence shape* is the order in which it names shape, colour, size and position. Shapes in
+# which the shape word comes before both its colour and its size ("a circle in red, small, on the left") form
+# the held-out wording family: no training caption has one, and evaluation asks for seen pairs in them.
+SIZE_WORDS = {"small": ("small", "little", "tiny"), "large": ("large", "big", "huge")}
+POSITION_PHRASES = {
+    "left": ("on the left", "at the left", "to the left", "on the left side"),
+    "right": ("on the right", "at the right", "to the right", "on the right side"),
+    "top": ("at the top", "on top", "near the top", "along the top edge"),
+    "bottom": ("at the bottom", "near the bottom", "along the bottom edge", "down at the bottom"),
+    "center": ("in the center", "in the middle", "at the center", "in the very middle"),
+}
+OPENERS = ("", "", "a picture of", "an image of", "there is", "here is", "we see", "the picture shows")
+CLOSERS = ("", "", "", "on a dark background", "against black", "in the picture")
+POST_COLOR = ("in {}", "coloured {}", "that is {}", "{}")
+POST_SIZE = ("of {} size", "that is {}", "{}", "quite {}")
+POST_JOIN = (" ", ", ", " and ")
+SLOTS = ("shape", "color", "size", "position")
+WORDING_SPLITS = ("train", "heldout")
+# Every word that names an attribute value (synonyms included) -> (attribute, value); "right" is not among them:
+# "in the very middle" uses it as an adverb, so positions are read from their other words.
+ATTRIBUTE_WORDS: dict[str, tuple[str, str]] = {
+    **{c: ("color", c) for c in COLORS}, **{s: ("shape", s) for s in SHAPES},
+    **{w: ("size", size) for size, words in SIZE_WORDS.items() for w in words},
+    **{p: ("position", p) for p in POSITIONS}, "middle": ("position", "center"),
+}
+
+
+def heldout_wording(order: tuple[str, ...]) -> bool:
+    """Whether a sentence shape (slot order) is in the held-out wording family: shape before colour and size."""
+    return order.index("shape") < min(order.index("color"), order.index("size"))
+
+
+def _valid_orders() -> list[tuple[str, ...]]:
+    """The slot orders the grammar writes: a position phrase comes first or after the shape word (never between
+    two adjectives), colour and size go before or after the shape word."""
+    return [o for o in permutations(SLOTS)
+            if o[0] == "position" or o.index("position") > o.index("shape")]
+
+
+SENTENCE_SHAPES: dict[str, tuple[tuple[str, ...], ...]] = {
+    split: tuple(o for o in _valid_orders() if heldout_wording(o) == (split == "heldout")) for split in WORDING_SPLITS}
+
+
+def caption_for(attrs: Attributes, rng: np.random.Generator, wording: str = "train") -> str:
+    """One caption of ``attrs`` in a sentence shape of the ``wording`` family, words and fillers drawn from
+    ``rng``: the slots in the shape's order, colour and size as adjectives before the shape word and as
+    modifiers after it."""
+    def pick(options: tuple) -> Any:
+        return options[int(rng.integers(len(options)))]
+
+    order = pick(SENTENCE_SHAPES[wording])
+    words = {"color": attrs.color, "size": pick(SIZE_WORDS[attrs.size])}
+    noun = order.index("shape")
+    if order[0] == "position":
+        sentence = pick(POSITION_PHRASES[attrs.position]) + pick((", ", " ")) + pick(("", "there is ", "we see "))
+    else:
+        sentence = pick(OPENERS) + " "
+    adjectives = pick(POST_JOIN).join(words[s] for s in order[:noun] if s != "position")
+    sentence += " ".join(["a", adjectives, attrs.shape])
+    previous = "shape"
+    for slot in order[noun + 1:]:
+        if slot == "position":
+            sentence += pick((" ", ", ")) + pick(POSITION_PHRASES[attrs.position])
+        else:
+            joiner = pick(POST_JOIN) if previous in ("color", "size") else pick((" ", ", "))
+            sentence += joiner + pick(POST_COLOR if slot == "color" else POST_SIZE).format(words[slot])
+        previous = slot
+    return " ".join(f"{sentence} {pick(CLOSERS)}".split())
+
+
+def every_combination_captions(per_combination: int = 3, seed: int = 0) -> list[str]:
+    """Captions of every (colour, shape, size, position), ``per_combination`` wordings each: a BPE model trained
+    on them knows every word the grammar writes (for tests and benchmarks that need one in seconds)."""
+    rng = np.random.default_rng(seed)
+    return [caption_for(Attributes(c, s, z, p), rng) for c in COLORS for s in SHAPES for z in SIZES
+            for p in POSITIONS for _ in range(per_combination)]
+
+
+def sentence_shape(caption: str) -> tuple[str, ...] | None:
+    """The order in which a caption first names each attribute, or None when one is missing."""
+    first: dict[str, int] = {}
+    for i, word in enumerate(caption.lower().replace(",", " ").split()):
+        attribute = ATTRIBUTE_WORDS.get(word, ("", ""))[0]
+        if attribute and attribute not in first:
+            first[attribute] = i
+    if len(first) != len(SLOTS):
+        return None
+    return tuple(sorted(first, key=first.get))
+
+
 SOURCE = "synthetic"
 GROUND_TRUTH_FIELDS = [pa.field(name, pa.string()) for name in ("color", "shape", "size", "position")]
 
@@ -80,21 +163,14 @@ class Attributes:
     position: str
 
 
-def caption_for(attrs: Attributes, template: int) -> str:
-    return TEMPLATES[template % len(TEMPLATES)].format(
-        size=attrs.size, color=attrs.color, shape=attrs.shape, at=_AT[attrs.position], side=_SIDE[attrs.position])
-
-
 def parse_caption(caption: str) -> Attributes | None:
-    """The attributes a caption names (any template or word order), or None when one is missing."""
-    words = caption.lower().replace(",", " ").split()
-    found = {}
-    for name, vocab in (("color", COLORS), ("shape", SHAPES), ("size", SIZES), ("position", POSITIONS)):
-        hits = [w for w in words if w in vocab]
-        if not hits:
-            return None
-        found[name] = hits[0]
-    return Attributes(**found)
+    """The attributes a caption names (any sentence shape, synonyms included), or None when one is missing."""
+    found: dict[str, str] = {}
+    for word in caption.lower().replace(",", " ").split():
+        attribute, value = ATTRIBUTE_WORDS.get(word, ("", ""))
+        if attribute:
+            found.setdefault(attribute, value)
+    return Attributes(**found) if len(found) == len(SLOTS) else None
 
 
 def coverage(shape: str, cx: float, cy: float, h: float, size: int) -> np.ndarray:
@@ -152,7 +228,7 @@ def make_sample(seed: int, index: int, image_size: int) -> dict:
     """One raw row (img2dataset columns + ground truth) for sample ``index``."""
     attrs, rng = sample_attributes(seed, index)
     pixels = render(attrs, image_size, rng)
-    caption = caption_for(attrs, int(rng.integers(len(TEMPLATES))))
+    caption = caption_for(attrs, rng)
     return {"key": f"syn{index:09d}", "caption": caption, "url": None, "jpg": encode_jpeg(pixels),
             "width": image_size, "height": image_size, "status": SUCCESS, "error_message": None,
             "source": SOURCE, **asdict(attrs)}
@@ -192,18 +268,20 @@ def write_synthetic(config: SyntheticConfig, output: str) -> dict[str, int]:
     return counts
 
 
-def holdout_examples(config: SyntheticConfig, per_pair: int | None = None) -> list[dict]:
+def holdout_examples(config: SyntheticConfig, per_pair: int | None = None, seed: int = 0) -> list[dict]:
     """Prompts + ground truth for compositional evaluation: every held-out (color, shape) pair with every
-    size and position (``per_pair`` caps how many per pair), captions cycling through the templates.
+    size and position (``per_pair`` caps how many per pair), captions in training sentence shapes drawn from
+    ``seed``.
 
     Each item: ``{"caption", "color", "shape", "size", "position"}``; the order is fixed."""
+    holdout_set(config)  # validates the pair names
+    rng = np.random.default_rng([config.seed, seed, 1])
     examples = []
     for color, shape in config.holdout_pairs:
         combos = [(size, pos) for size in SIZES for pos in POSITIONS][:per_pair]
-        for j, (size, pos) in enumerate(combos):
+        for size, pos in combos:
             attrs = Attributes(color, shape, size, pos)
-            examples.append({"caption": caption_for(attrs, j), **asdict(attrs)})
-    holdout_set(config)  # validates the pair names
+            examples.append({"caption": caption_for(attrs, rng), **asdict(attrs)})
     return examples
 
 

@@ -13,6 +13,7 @@ Serve is started here and shut down when the job ends, whether it succeeds or fa
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict
 from typing import Any
@@ -28,35 +29,40 @@ from dalle_core.images import png_bytes
 from dalle_core.io import read_bytes, write_bytes
 from dalle_core.sampling import STATUS_ERROR, batch_seed, rank_order
 from pipelines import storage
-from pipelines.artifacts import ModelPaths
+from pipelines.artifacts import ModelPaths, run_dir
 from pipelines.config import Config
 from pipelines.data import checker, synthetic
 from pipelines.resources import client_actor_options
 from pipelines.serve.app import GENERATOR, SCORER, build_app
-from pipelines.serve.report import ATTRIBUTES, compute_metrics, quality_bar, write_report
+from pipelines.serve.report import ATTRIBUTES, PROMPT_SETS, compute_metrics, quality_bar, write_report
 
 # ---------------------------------------------------------------------------------------------------------
 # Inputs
 
 
 def synthetic_prompts(config: Config, num_prompts: int) -> list[dict[str, Any]]:
-    """Captions of the synthetic set with ground truth, half from held-out (color, shape) pairs (never seen in
-    training) and half from seen pairs; ``pair_split`` says which. Fixed for a seed."""
+    """Captions of the synthetic set with ground truth, a third from each prompt set of
+    :data:`pipelines.serve.report.PROMPT_SETS`: seen (color, shape) pairs and held-out pairs, both worded in
+    training sentence shapes, and seen pairs in held-out sentence shapes (``pair_split`` and ``wording`` say
+    which). Held-out pairs cycle through their combinations, each time in new words. Fixed for a seed."""
     num_prompts = num_prompts or 64
-    held = synthetic.holdout_examples(config.synthetic)
-    held_pairs = synthetic.holdout_set(config.synthetic)
-    rng = np.random.default_rng(config.synthetic.seed + 1)
-    seen = []
-    combos = [(c, s, z, p) for c in synthetic.COLORS for s in synthetic.SHAPES if (c, s) not in held_pairs
-              for z in synthetic.SIZES for p in synthetic.POSITIONS]
-    for j, index in enumerate(rng.permutation(len(combos))[: num_prompts]):
-        attrs = synthetic.Attributes(*combos[index])
-        seen.append({"caption": synthetic.caption_for(attrs, j), **asdict(attrs)})
-    held = [held[i] for i in rng.permutation(len(held))]
-    n_held = min(len(held), num_prompts // 2) if seen else min(len(held), num_prompts)
-    chosen = [(r, "heldout") for r in held[:n_held]] + [(r, "seen") for r in seen[: num_prompts - n_held]]
-    return [{"prompt": r["caption"], "pair_split": split, **{f"truth_{a}": r[a] for a in ATTRIBUTES}}
-            for r, split in chosen]
+    syn = config.synthetic
+    held_pairs = synthetic.holdout_set(syn)
+    combos = {split: [(c, s, z, p) for c in synthetic.COLORS for s in synthetic.SHAPES
+                      if ((c, s) in held_pairs) == (split == "heldout")
+                      for z in synthetic.SIZES for p in synthetic.POSITIONS] for split in ("seen", "heldout")}
+    counts = {"heldout": num_prompts // 3 if combos["heldout"] else 0, "heldout_wording": num_prompts // 3}
+    counts["seen"] = num_prompts - sum(counts.values())
+    rng = np.random.default_rng([syn.seed, 2])
+    records = []
+    for name, (pair_split, wording) in PROMPT_SETS.items():
+        pool = combos[pair_split]
+        order = np.concatenate([rng.permutation(len(pool)) for _ in range(-(-counts[name] // len(pool)))])
+        for index in order[: counts[name]]:
+            attrs = synthetic.Attributes(*pool[index])
+            records.append({"prompt": synthetic.caption_for(attrs, rng, wording), "pair_split": pair_split,
+                            "wording": wording, **{f"truth_{a}": getattr(attrs, a) for a in ATTRIBUTES}})
+    return records
 
 
 def load_prompts(config: Config, source: str | None = None, path: str | None = None,
@@ -111,7 +117,7 @@ class ServeClient:
     def _rows(self, rec: dict[str, Any], gen: dict[str, Any], scores: list[float] | None) -> list[dict[str, Any]]:
         base = {"key": rec["key"], "prompt": rec["prompt"], "status": gen["status"], "detail": gen["detail"],
                 "seed": -1 if gen.get("seed") is None else int(gen["seed"]), **self.settings,
-                "pair_split": rec.get("pair_split", ""),
+                "pair_split": rec.get("pair_split", ""), "wording": rec.get("wording", ""),
                 **{f"truth_{a}": rec.get(f"truth_{a}", "") for a in ATTRIBUTES}}
         blank = {"candidate": -1, "score": float("nan"), "rank": -1, "random_pick": False, "image_path": "",
                  **{f"pred_{a}": "" for a in ATTRIBUTES}}
@@ -184,7 +190,7 @@ def client_kwargs(config: Config, output: str) -> dict[str, Any]:
 def stream_prompts(prompts: list[dict[str, Any]], client: type, kwargs: dict[str, Any], batch_size: int,
                    concurrency: int, **resources: float) -> pd.DataFrame:
     """Runs the prompt records through a Ray Data actor pool of ``client`` and gathers the result rows."""
-    fields = ["key", "prompt", "pair_split", *[f"truth_{a}" for a in ATTRIBUTES]]
+    fields = ["key", "prompt", "pair_split", "wording", *[f"truth_{a}" for a in ATTRIBUTES]]
     rows = [{f: "" if r.get(f) is None else str(r[f]) for f in fields} for r in prompts]
     # Blocks are made here, not by tasks: the replicas may hold every CPU, and a read task waiting for one
     # would stall the job. One block per batch lets every actor of the pool take work.
@@ -200,9 +206,22 @@ def _nullable(results: pd.DataFrame) -> pd.DataFrame:
     out = results.copy()
     for col in ("candidate", "rank", "seed"):
         out[col] = out[col].astype("Int64").mask(out[col] < 0)
-    for col in ["image_path", "detail", "pair_split", *[f"{p}_{a}" for p in ("truth", "pred") for a in ATTRIBUTES]]:
+    labels = [f"{p}_{a}" for p in ("truth", "pred") for a in ATTRIBUTES]
+    for col in ["image_path", "detail", "pair_split", "wording", *labels]:
         out[col] = out[col].mask(out[col] == "")
     return out
+
+
+def training_curves(config: Config) -> dict[str, list[dict[str, Any]]]:
+    """The ``metrics.jsonl`` records of the dVAE, DALLE and CLIP runs under ``paths.runs``, where they exist
+    (the report draws their loss curves)."""
+    runs = config.paths.resolved().runs
+    curves = {}
+    for model, section in (("dVAE", config.train_vae), ("DALLE", config.train), ("CLIP", config.train_clip)):
+        path = storage.join(run_dir(runs, section.run_name), "metrics.jsonl")
+        if storage.exists(path):
+            curves[model] = [json.loads(line) for line in read_bytes(path).decode().splitlines() if line.strip()]
+    return curves
 
 
 def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.DataFrame,
@@ -216,7 +235,7 @@ def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.Da
     metrics.update(sampling=asdict(config.sampling), models=asdict(paths), output=out, **timing)
     storage.write_parquet(pa.Table.from_pandas(_nullable(results), preserve_index=False), f"{out}/results.parquet")
     storage.write_json(f"{out}/metrics.json", metrics)
-    write_report(out, results, metrics, config.evaluate.grid_max_prompts)
+    write_report(out, results, metrics, config.evaluate.grid_max_prompts, training_curves(config))
     return metrics
 
 

@@ -41,7 +41,7 @@ from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, R
 from ray.train.torch import TorchTrainer
 
 from dalle_core.checkpoint import load_model, save_model
-from dalle_core.train_utils import make_optimizer, make_scheduler, resolve_precision
+from dalle_core.train_utils import make_optimizer, make_scheduler, precision_choice
 from pipelines import artifacts, storage
 from pipelines.cluster import report_resource_waits
 from pipelines.config import Config, InputError, TrainerConfig
@@ -396,7 +396,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
-    worker = WorkerContext(rank, world, device, resolve_precision(section.precision, device))
+    precision, why = precision_choice(section.precision, device)
+    worker = WorkerContext(rank, world, device, precision)
     checkpoint = ray.train.get_checkpoint()
     # The run's own checkpoint wins over init_from: a killed fine-tune resumes, it never restarts from the init.
     init = load_model(section.init_from).state_dict() if section.init_from and checkpoint is None else None
@@ -407,7 +408,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     start_step = progress.step
     writer = MetricsWriter(loop_config["run_dir"], task.name) if rank == 0 else None
     if rank == 0:
-        log(f"[{task.name}] world={world} precision={worker.precision} start_step={start_step} "
+        log(f"[{task.name}] world={world} precision={worker.precision} ({why}) start_step={start_step} "
             f"epoch={progress.epoch} {task.describe()}{f' init_from={section.init_from}' if init is not None else ''}")
 
     sums = IntervalSums(device)
