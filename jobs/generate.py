@@ -47,7 +47,8 @@ def main(argv: list[str] | None = None) -> int:
         "sampling.top_images": 1 if args.num_candidates is not None else None})
     models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
     generator = load_generator(models.checkpoint, models.vae, args.device)
-    tokenizer = BPETokenizer.load(models.tokenizer, config.tokenizer.text_seq_len)
+    # The checkpoint says how many text ids the model reads, whatever the config beside it says.
+    tokenizer = BPETokenizer.load(models.tokenizer, generator.text_seq_len)
     generator.check_tokenizer(tokenizer)
     clip_path = None if args.no_rerank else models.clip
     if clip_path and not args.clip and not exists(clip_path):

@@ -24,12 +24,12 @@ from ray import serve
 from pipelines import storage
 from pipelines.artifacts import model_paths
 from pipelines.config import Config, SyntheticConfig
-from pipelines.data.synthetic import write_synthetic
+from pipelines.data.synthetic import Attributes, heldout_wording, parse_caption, sentence_shape, write_synthetic
 from pipelines.serve.app import RequestError, build_app, max_body_bytes, parse_request
 from pipelines.serve.evaluation import load_prompts, run_evaluation
-from pipelines.serve.report import compute_metrics, format_metrics, quality_bar
+from pipelines.serve.report import ATTRIBUTES, compute_metrics, format_metrics, quality_bar
 
-BAD = {"empty": "   ", "too_long": "a small red circle on the left and a large blue square on the right side",
+BAD = {"empty": "   ", "too_long": " ".join(["a small red circle on the left and a large blue square"] * 3),
        "unknown_chars": "a red circle ☃"}
 EVAL = {"evaluate.num_prompts": 6, "evaluate.max_batch_size": 4, "evaluate.driver_batch_size": 3}
 OK = "a small red circle"
@@ -227,7 +227,7 @@ def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
     top1 = results[(results.status == "ok") & (results["rank"] == 0)]["score"].mean()
     assert on_disk["clip_score"]["top1_mean"] == pytest.approx(top1)
     assert on_disk["clip_score"]["top1_mean"] >= on_disk["clip_score"]["random_mean"]
-    assert set(on_disk["attribute_accuracy"]) == {"seen", "heldout"}
+    assert set(on_disk["attribute_accuracy"]) == {"seen", "heldout", "heldout_wording"}
     grid = Image.open(out / "grid.png")
     assert grid.size[1] > 6 * config.vae.image_size  # six prompt rows
     report = (out / "report.html").read_text()
@@ -283,8 +283,11 @@ def test_prompt_sources(config, tmp_path):
     synthetic = load_prompts(config, "synthetic", num_prompts=8)
     assert len(synthetic) == 8 and {p["pair_split"] for p in synthetic} == {"seen", "heldout"}
     held = {tuple(pair) for pair in config.synthetic.holdout_pairs}
+    assert [p["wording"] for p in synthetic].count("heldout") == 8 // 3
     for p in synthetic:
         assert ((p["truth_color"], p["truth_shape"]) in held) == (p["pair_split"] == "heldout")
+        assert heldout_wording(sentence_shape(p["prompt"])) == (p["wording"] == "heldout")
+        assert parse_caption(p["prompt"]) == Attributes(*(p[f"truth_{a}"] for a in ATTRIBUTES))
 
 
 def test_metrics_split_attribute_accuracy_by_pair():

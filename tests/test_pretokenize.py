@@ -52,6 +52,7 @@ BAD_ROWS = [
     {"key": "bad-download", "caption": "x", "jpg": None, "status": "failed_to_download",
      "error_message": "HTTP Error 404"},
 ]
+TEXT_SEQ_LEN = 48  # the tiny tokenizer (vocab 128) splits a grammar caption into up to ~40 ids: none is cut
 EXPECTED_REJECTS = {"undecodable_image": 1, "image_too_small": 1, "empty_caption": 2, "missing_image": 1,
                     "failed_to_download": 1}
 
@@ -64,7 +65,7 @@ def data(tmp_path_factory, ray_cluster):
     pq.write_table(raw_table([{**r, "source": "test"} for r in BAD_ROWS]), root / "raw" / "part-bad.parquet")
     train = list(iter_samples(synthetic))
     tokenizer, vae = write_tiny_models(root, [r["caption"] for r in train])
-    summary = run_pretokenize(str(root / "raw"), str(root / "clean"), tokenizer, vae, 16, CONFIG)
+    summary = run_pretokenize(str(root / "raw"), str(root / "clean"), tokenizer, vae, TEXT_SEQ_LEN, CONFIG)
     return {"root": root, "tokenizer": tokenizer, "vae": vae, "train": train, "summary": summary}
 
 
@@ -77,7 +78,7 @@ def test_codes_and_ids_match_the_models(data):
     raw = {r["key"]: r for r in data["train"]}
     assert rows.keys() == raw.keys()
     vae = load_model(data["vae"])
-    tokenizer = BPETokenizer.load(data["tokenizer"], 16)
+    tokenizer = BPETokenizer.load(data["tokenizer"], TEXT_SEQ_LEN)
     keys = sorted(raw)
     pictures = np.stack([np.asarray(Image.open(io.BytesIO(raw[k]["jpg"])).convert("RGB")) for k in keys])
     expected = vae.get_codebook_indices(torch.from_numpy(pictures).permute(0, 3, 1, 2).float() / 255)
@@ -105,25 +106,25 @@ def test_rejects_and_manifest(data):
     assert all(r["reason"] and r["source"] == "test" for r in rejects)
     assert sum(s["rows"] for s in manifest["shards"]) == n
     assert all((clean / s["path"]).exists() for s in manifest["shards"])
-    assert (manifest["image_seq_len"], manifest["text_seq_len"], manifest["codebook_size"]) == (64, 16, 64)
+    assert (manifest["image_seq_len"], manifest["text_seq_len"], manifest["codebook_size"]) == (64, TEXT_SEQ_LEN, 64)
     assert sum(manifest["codebook_usage"]["histogram"]) == n * 64
-    assert manifest["tokenizer"]["model_hash"] == BPETokenizer.load(data["tokenizer"], 16).model_hash
+    assert manifest["tokenizer"]["model_hash"] == BPETokenizer.load(data["tokenizer"], TEXT_SEQ_LEN).model_hash
     assert len(manifest["vae"]["checkpoint_hash"]) == 64
     assert (manifest["vae"]["kind"], manifest["vae"]["pixel_range"]) == ("DiscreteVAE", "minus1_1")
 
 
 def test_manifest_mismatch_names_the_field(data):
     manifest = read_manifest(str(data["root"] / "clean"))
-    good = DALLEConfig(num_text_tokens=128, text_seq_len=16, num_image_tokens=64, image_fmap_size=8)
+    good = DALLEConfig(num_text_tokens=128, text_seq_len=TEXT_SEQ_LEN, num_image_tokens=64, image_fmap_size=8)
     check_manifest(manifest, good)
     with pytest.raises(ConfigError, match=r"manifest.image_seq_len=64 but dalle.image_seq_len=16"):
-        check_manifest(manifest, DALLEConfig(num_text_tokens=128, text_seq_len=16, num_image_tokens=64,
+        check_manifest(manifest, DALLEConfig(num_text_tokens=128, text_seq_len=TEXT_SEQ_LEN, num_image_tokens=64,
                                              image_fmap_size=4))
     with pytest.raises(ConfigError, match=r"manifest.codebook_size=64 but dalle.num_image_tokens=512"):
-        check_manifest(manifest, DALLEConfig(num_text_tokens=128, text_seq_len=16, num_image_tokens=512,
+        check_manifest(manifest, DALLEConfig(num_text_tokens=128, text_seq_len=TEXT_SEQ_LEN, num_image_tokens=512,
                                              image_fmap_size=8))
     with pytest.raises(ConfigError, match=r"manifest.tokenizer.vocab_size"):
-        check_manifest(manifest, DALLEConfig(num_text_tokens=8, text_seq_len=16, num_image_tokens=64,
+        check_manifest(manifest, DALLEConfig(num_text_tokens=8, text_seq_len=TEXT_SEQ_LEN, num_image_tokens=64,
                                              image_fmap_size=8))
     with pytest.raises(ConfigError, match=r"manifest.vae.checkpoint_hash"):
         check_manifest(manifest, good, vae_hash="0" * 64)
@@ -133,7 +134,10 @@ def test_manifest_mismatch_names_the_field(data):
 
 def test_interrupted_run_resumes_to_the_clean_key_set(data, tmp_path):
     root, out = data["root"], tmp_path / "resumed"
-    cmd = [sys.executable, str(REPO / "jobs" / "pretokenize.py"), "--input", str(root / "raw"), "--output", str(out),
+    config = tmp_path / "config.yaml"
+    config.write_text(f"tokenizer: {{vocab_size: 128, text_seq_len: {TEXT_SEQ_LEN}}}\n")
+    cmd = [sys.executable, str(REPO / "jobs" / "pretokenize.py"), "--config", str(config),
+           "--input", str(root / "raw"), "--output", str(out),
            "--tokenizer", data["tokenizer"], "--vae", data["vae"], "--batch-size", "16",
            "--address", ray.get_runtime_context().gcs_address]
     job = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -153,7 +157,7 @@ def test_interrupted_run_resumes_to_the_clean_key_set(data, tmp_path):
     (out / "data" / ".tmp-leftover").write_bytes(b"partial")
     untouched = {p.name: p.stat().st_mtime_ns for p in done[1:-1]}
 
-    summary = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], 16, CONFIG)
+    summary = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], TEXT_SEQ_LEN, CONFIG)
     keys = [r["key"] for r in _token_rows(out)]
     clean_keys = [r["key"] for r in _token_rows(root / "clean")]
     assert len(keys) == len(set(keys)) and sorted(keys) == sorted(clean_keys)
@@ -162,9 +166,9 @@ def test_interrupted_run_resumes_to_the_clean_key_set(data, tmp_path):
     assert not list((out / "data").glob(".tmp-*"))
     assert read_manifest(str(out))["rejects"]["by_reason"] == EXPECTED_REJECTS
 
-    again = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], 16, CONFIG)
+    again = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], TEXT_SEQ_LEN, CONFIG)
     assert again["shards_skipped"] == 7 and again["pairs_processed_this_run"] == 0
-    redo = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], 16,
+    redo = run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], data["vae"], TEXT_SEQ_LEN,
                            PretokenizeConfig(batch_size=64, overwrite=True))
     assert redo["shards_written"] == 7 and sorted(r["key"] for r in _token_rows(out)) == sorted(clean_keys)
 
@@ -182,12 +186,12 @@ def test_rerun_with_other_models_is_refused_unless_overwrite(data, tmp_path):
     assert old_hash != new_hash
     before = _files(out)
 
-    def rerun(vae: str, text_seq_len: int = 16, config: PretokenizeConfig = CONFIG) -> dict:
+    def rerun(vae: str, text_seq_len: int = TEXT_SEQ_LEN, config: PretokenizeConfig = CONFIG) -> dict:
         return run_pretokenize(str(root / "raw"), str(out), data["tokenizer"], vae, text_seq_len, config)
 
     with pytest.raises(PretokenizeError, match=f"vae.checkpoint_hash={old_hash} there, {new_hash} now"):
         rerun(other_vae)
-    with pytest.raises(PretokenizeError, match="tokenizer.text_seq_len=16 there, 12 now"):
+    with pytest.raises(PretokenizeError, match=f"tokenizer.text_seq_len={TEXT_SEQ_LEN} there, 12 now"):
         rerun(data["vae"], text_seq_len=12)
     assert _files(out) == before  # refused before anything was written
     # A half-finished old run: no manifest yet and a shard still to do; the finished shards' footers tell.
