@@ -64,13 +64,13 @@ def main(argv: list[str] | None = None) -> int:
                              "Ray Data)")
     args = parser.parse_args(argv)
 
-    seeds = {f"{section}.seed": args.seed for section in SEEDED} if args.seed is not None else {}
-    config = load_job_config(args.config, {"paths.root": args.root, **seeds})  # every mistake before a stage
+    flags = {"paths.root": args.root, **{f"{section}.seed": args.seed for section in SEEDED}}
+    config = load_job_config(args.config, flags)  # every mistake before a stage starts
     data = load_yaml(args.config)
-    if args.root:
-        data.setdefault("paths", {})["root"] = args.root
-    for section in SEEDED if args.seed is not None else ():
-        data.setdefault(section, {})["seed"] = args.seed
+    for dotted, value in flags.items():  # the stages read the same config, flags included
+        if value is not None:
+            section, key = dotted.split(".")
+            data.setdefault(section, {})[key] = value
     workdir = Path(tempfile.mkdtemp(prefix="dalle-demo-"))
     config_path = str(workdir / "config.yaml")
     Path(config_path).write_text(yaml.safe_dump(data, sort_keys=False))

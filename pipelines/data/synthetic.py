@@ -77,8 +77,7 @@ POST_SIZE = ("of {} size", "that is {}", "{}", "quite {}")
 POST_JOIN = (" ", ", ", " and ")
 SLOTS = ("shape", "color", "size", "position")
 WORDING_SPLITS = ("train", "heldout")
-# Every word that names an attribute value (synonyms included) -> (attribute, value); "right" is not among them:
-# "in the very middle" uses it as an adverb, so positions are read from their other words.
+# Every word that names an attribute value (synonyms included) -> (attribute, value).
 ATTRIBUTE_WORDS: dict[str, tuple[str, str]] = {
     **{c: ("color", c) for c in COLORS}, **{s: ("shape", s) for s in SHAPES},
     **{w: ("size", size) for size, words in SIZE_WORDS.items() for w in words},
@@ -268,14 +267,13 @@ def write_synthetic(config: SyntheticConfig, output: str) -> dict[str, int]:
     return counts
 
 
-def holdout_examples(config: SyntheticConfig, per_pair: int | None = None, seed: int = 0) -> list[dict]:
+def holdout_examples(config: SyntheticConfig, per_pair: int | None = None) -> list[dict]:
     """Prompts + ground truth for compositional evaluation: every held-out (color, shape) pair with every
-    size and position (``per_pair`` caps how many per pair), captions in training sentence shapes drawn from
-    ``seed``.
+    size and position (``per_pair`` caps how many per pair), captions in training sentence shapes.
 
     Each item: ``{"caption", "color", "shape", "size", "position"}``; the order is fixed."""
     holdout_set(config)  # validates the pair names
-    rng = np.random.default_rng([config.seed, seed, 1])
+    rng = np.random.default_rng([config.seed, 1])
     examples = []
     for color, shape in config.holdout_pairs:
         combos = [(size, pos) for size in SIZES for pos in POSITIONS][:per_pair]

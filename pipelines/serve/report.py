@@ -37,11 +37,15 @@ CAPTION_PX = 420  # width of the caption column of grid.png
 # Metrics and the quality bar
 
 
-def prompt_wording(results: pd.DataFrame) -> pd.Series:
-    """Each row's wording family; rows written before wordings were held out have none and count as training."""
-    if "wording" not in results:
-        return pd.Series("train", index=results.index)
-    return results["wording"].replace("", "train").fillna("train")
+def prompt_set(results: pd.DataFrame) -> pd.Series:
+    """Each row's :data:`PROMPT_SETS` name ("" for prompts in none, e.g. real data). Rows written before wordings
+    were held out have no ``wording`` and count as training wordings."""
+    wording = (results["wording"].replace("", "train").fillna("train") if "wording" in results
+               else pd.Series("train", index=results.index))
+    names = pd.Series("", index=results.index)
+    for name, (pair_split, family) in PROMPT_SETS.items():
+        names[(results["pair_split"] == pair_split) & (wording == family)] = name
+    return names
 
 
 def compute_metrics(results: pd.DataFrame) -> dict[str, Any]:
@@ -60,10 +64,9 @@ def compute_metrics(results: pd.DataFrame) -> dict[str, Any]:
         "all_mean": float(ok["score"].mean()) if len(ok) else None,
     }
     accuracy: dict[str, Any] = {}
-    for split, (pair_split, wording) in PROMPT_SETS.items():
+    for split in PROMPT_SETS:
         for name, rows in (("top1", top1), ("random", rand)):
-            rows = rows[(rows["pair_split"] == pair_split) & (prompt_wording(rows) == wording)
-                        & (rows["truth_color"] != "")]
+            rows = rows[(prompt_set(rows) == split) & (rows["truth_color"] != "")]
             if not len(rows):
                 continue
             hits = {a: rows[f"pred_{a}"] == rows[f"truth_{a}"] for a in ATTRIBUTES}
@@ -355,9 +358,7 @@ def _top1_wrong(group: pd.DataFrame) -> bool:
 def _prompts_section(results: pd.DataFrame) -> str:
     """Every prompt, by prompt set (held-out wordings, held-out pairs, seen pairs, then the rest); in each, the
     failures first and open, the rest folded."""
-    frame = results.assign(_set="", _wording=prompt_wording(results))
-    for name, (pair_split, wording) in PROMPT_SETS.items():
-        frame.loc[(frame["pair_split"] == pair_split) & (frame["_wording"] == wording), "_set"] = name
+    frame = results.assign(_set=prompt_set(results))
     groups = {key: g for key, g in frame.sort_values(["key", "rank"]).groupby("key", sort=True)}
     order = ["heldout_wording", "heldout", "seen", ""]
     parts = ["<h2>Per prompt</h2><p>Candidates best first by CLIP score, the chosen one framed; under each, its "
@@ -366,8 +367,9 @@ def _prompts_section(results: pd.DataFrame) -> str:
         members = [(k, g) for k, g in groups.items() if g["_set"].iloc[0] == name]
         if not members:
             continue
-        failed = [(k, g) for k, g in members if _top1_wrong(g)]
-        passed = [(k, g) for k, g in members if not _top1_wrong(g)]
+        wrong = {k: _top1_wrong(g) for k, g in members}
+        failed = [(k, g) for k, g in members if wrong[k]]
+        passed = [(k, g) for k, g in members if not wrong[k]]
         title = PROMPT_SET_TITLES.get(name, "prompts")
         parts.append(f"<h3>{_e(title)}: {len(failed)} of {len(members)} with the top-1 wrong</h3>")
         parts += [_prompt_block(g, True) for _, g in failed]
