@@ -32,11 +32,10 @@ from model_timing import (
 
 from dalle_core.config import ATTN_TYPES, DALLEConfig
 from dalle_core.dalle import DALLE
-from dalle_core.train_utils import peak_memory_bytes, resolve_precision
+from dalle_core.train_utils import DTYPES, peak_memory_bytes, resolve_precision
 
 SHAPE = {"text_seq_len": 256, "image_fmap_size": 32, "num_image_tokens": 8192, "num_text_tokens": 16384,
          "dim": 512, "depth": 2, "heads": 8, "dim_head": 64}
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def our_model(kind: str, **overrides: object) -> DALLE:

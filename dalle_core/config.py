@@ -19,6 +19,7 @@ from typing import Any
 import yaml
 
 ATTN_TYPES = ("full", "axial_row", "axial_col", "conv_like")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively, else fp32
 
 
 class ConfigError(ValueError):
@@ -226,6 +227,7 @@ class SamplingConfig(Section):
     num_candidates: int = bound(8, ge=1)
     top_images: int = 2
     seed: int = 0
+    precision: str = bound("auto", choices=PRECISIONS)  # of the DALLE weights and KV cache; fp16 on CUDA only
 
     def check(self, name: str) -> None:
         check(1 <= self.top_images <= self.num_candidates, f"{name}.top_images",

@@ -19,6 +19,7 @@ from torch import Tensor
 from dalle_core.config import SamplingConfig
 from dalle_core.images import to_uint8
 from dalle_core.tokenizer import BPETokenizer, normalize_caption, pad_text_ids
+from dalle_core.train_utils import DTYPES, precision_choice
 
 STATUS_OK = "ok"
 STATUS_EMPTY = "empty"
@@ -83,9 +84,14 @@ def batch_seed(base_seed: int, keys: list[str]) -> int:
 
 
 class ImageGenerator:
-    """A DALLE + dVAE decoder pair: text ids -> ``num_candidates`` pictures per prompt in one batched pass."""
+    """A DALLE + dVAE decoder pair: text ids -> ``num_candidates`` pictures per prompt in one batched pass.
 
-    def __init__(self, dalle: torch.nn.Module, vae: torch.nn.Module, device: str | torch.device = "cpu") -> None:
+    ``precision`` (``sampling.precision``) sets the DALLE's weights and so its KV cache: ``auto`` is bf16 where
+    the device computes it natively, else fp32. Logits are sampled in fp32 whatever it is, and the dVAE decoder
+    stays fp32 (a few percent of the time; its colours are what the checker reads)."""
+
+    def __init__(self, dalle: torch.nn.Module, vae: torch.nn.Module, device: str | torch.device = "cpu",
+                 precision: str = "auto") -> None:
         d, v = dalle.config, vae.config
         checks = [("dalle.num_image_tokens", d.num_image_tokens, "vae.num_tokens", v.num_tokens),
                   ("dalle.image_seq_len", d.image_seq_len, "vae.image_seq_len", v.image_seq_len)]
@@ -93,7 +99,11 @@ class ImageGenerator:
             if a != b:
                 raise ValueError(f"checkpoint mismatch: {left}={a} but {right}={b}")
         self.device = torch.device(device)
-        self.dalle = dalle.to(self.device).eval()
+        self.precision, self.precision_reason = precision_choice(precision, self.device)
+        if self.precision == "fp16" and self.device.type != "cuda":
+            raise ValueError(f"sampling.precision: fp16 needs a CUDA device, got {self.device.type} "
+                             "(use auto, bf16 or fp32)")
+        self.dalle = dalle.to(self.device, DTYPES[self.precision]).eval()
         self.vae = vae.to(self.device).eval()
         self.text_seq_len = d.text_seq_len
 
@@ -137,12 +147,13 @@ def rank_order(scores: Tensor) -> Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def load_generator(checkpoint: str, vae_path: str, device: str | torch.device = "cpu") -> ImageGenerator:
+def load_generator(checkpoint: str, vae_path: str, device: str | torch.device = "cpu",
+                   precision: str = "auto") -> ImageGenerator:
     """Loads the self-describing DALLE and dVAE checkpoints (local or fsspec URLs) into an ImageGenerator."""
     from dalle_core.checkpoint import load_model
 
     return ImageGenerator(load_model(checkpoint, map_location=device), load_model(vae_path, map_location=device),
-                          device)
+                          device, precision)
 
 
 @dataclass

@@ -124,6 +124,8 @@ def annealed_temperature(step: int, start: float, rate: float, minimum: float) -
     (high early so every code gets gradient, low late so samples approach the hard argmax)."""
     return max(start * math.exp(-rate * step), minimum)
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the precision names' dtypes
+
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:
     """Whether ``device`` computes bf16 natively. On CPUs without AVX512-BF16/AMX, bf16 matmuls run an order of

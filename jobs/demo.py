@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
         os.environ.update({k: env[k] for k in ("DS_ACCELERATOR", "NO_ALBUMENTATIONS_UPDATE")})
         # The stages are drivers of their own; this one only keeps the cluster up, without echoing their logs.
-        cluster = ray.init(num_cpus=args.num_cpus, log_to_driver=False)
+        cluster = ray.init(address="local", num_cpus=args.num_cpus, log_to_driver=False)
         env["RAY_ADDRESS"] = cluster.address_info["gcs_address"]
     timings = {}
     try:

@@ -13,6 +13,7 @@ import json
 import sys
 
 from dalle_core.checkpoint import load_model
+from dalle_core.config import PRECISIONS
 from dalle_core.images import png_bytes
 from dalle_core.io import exists, write_bytes
 from dalle_core.sampling import generate_prompt, load_generator
@@ -38,15 +39,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--top-k", type=float)
     parser.add_argument("--cond-scale", type=float)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--precision", choices=PRECISIONS, help="sampling.precision (auto: bf16 where native)")
     args = parser.parse_args(argv)
 
     config = load_job_config(args.config, {
         "sampling.seed": args.seed, "sampling.temperature": args.temperature, "sampling.top_k": args.top_k,
         "sampling.cond_scale": args.cond_scale, "sampling.num_candidates": args.num_candidates,
+        "sampling.precision": args.precision,
         # any n >= 1 is valid here; every candidate is written anyway
         "sampling.top_images": 1 if args.num_candidates is not None else None})
     models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
-    generator = load_generator(models.checkpoint, models.vae, args.device)
+    generator = load_generator(models.checkpoint, models.vae, args.device, config.sampling.precision)
+    print(f"precision={generator.precision} ({generator.precision_reason})", file=sys.stderr)
     # The checkpoint says how many text ids the model reads, whatever the config beside it says.
     tokenizer = BPETokenizer.load(models.tokenizer, generator.text_seq_len)
     generator.check_tokenizer(tokenizer)
@@ -66,9 +70,11 @@ def main(argv: list[str] | None = None) -> int:
         files.append(f"{out}/rank{rank}_cand{cand}.png")
         write_bytes(files[-1], png_bytes(result.images[cand]))
     write_bytes(f"{out}/grid.png", grid_png([[result.images[c] for c in result.order]]))
+    settings = dict(dataclasses.asdict(sampling), precision=generator.precision,
+                    precision_reason=generator.precision_reason)
     print(json.dumps({"prompt": args.prompt, "status": "ok", "checkpoint": models.checkpoint, "files": files,
                       "grid": f"{out}/grid.png", "scores": [result.scores[c] for c in result.order]
-                      if result.scores else None, "sampling": dataclasses.asdict(sampling)}, indent=2))
+                      if result.scores else None, "sampling": settings}, indent=2))
     return 0
 
 

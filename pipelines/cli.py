@@ -119,6 +119,9 @@ def connect_ray(address: str | None = None, plan: dict[str, Any] | None = None, 
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:
+        # "local": a Ray of its own even when `ray start` left a cluster on this machine, which plain ray.init()
+        # would join and then refuse the CPU count.
+        address = "local"
         init_kwargs.setdefault("num_cpus", max(LOCAL_MIN_CPUS, os.cpu_count() or 1))
         if plan is not None:
             import torch
@@ -126,5 +129,5 @@ def connect_ray(address: str | None = None, plan: dict[str, Any] | None = None, 
             local = {"CPU": float(init_kwargs["num_cpus"]), "GPU": float(torch.cuda.device_count())}
             require_resources(plan, local, "on this machine (a local Ray)")
     ray.init(address=address, **init_kwargs)
-    if plan is not None and address:
+    if plan is not None and address != "local":
         require_resources(plan)

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dalle_core.config import (
+    PRECISIONS,
     CLIPConfig,
     ConfigError,
     DALLEConfig,
@@ -36,7 +37,6 @@ class InputError(ValueError):
     """The user's input (data, model files, flags) cannot be used as given; jobs exit with code 2."""
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"  # the embedded default preset
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # auto: bf16 where the device computes it natively, else fp32
 PLACEMENT_STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 INGEST_SOURCES = ("urls", "folder", "webdataset")
 IMG2DATASET_RESIZE_MODES = ("no", "keep_ratio", "keep_ratio_largest", "center_crop", "border")
@@ -93,7 +93,7 @@ class TrainerConfig(Section):
     # step 0; optimiser, LR schedule and step count start fresh. A run that has a checkpoint resumes from it instead.
     init_from: str = ""
     seed: int = 0
-    precision: str = bound("fp32", choices=PRECISIONS)
+    precision: str = bound("auto", choices=PRECISIONS)
     batch_size: int = bound(32, ge=1)
     max_steps: int = bound(500, ge=1)
     shuffle_buffer: int = bound(0, ge=0)  # rows in each worker's local shuffle buffer; 0 keeps the stream order

@@ -18,7 +18,7 @@ from conftest import JOBS, job_main
 from test_train import tiny_config, write_token_shards
 
 from dalle_core.config import to_dict
-from pipelines.cli import LOCAL_MIN_CPUS, job_entry, one_line
+from pipelines.cli import LOCAL_MIN_CPUS, connect_ray, job_entry, one_line
 from pipelines.cluster import report_resource_waits, require_resources
 from pipelines.config import InputError
 from pipelines.resources import plan_resources
@@ -61,6 +61,18 @@ def test_fewer_rows_than_one_step_is_refused_before_ray(capsys, train_inputs, tm
     assert code == 2 and len(err.strip().splitlines()) == 1, err
     assert "train.batch_size=32 x train.num_workers=4 needs at least 128 training rows" in err
     assert "has 96" in err and not ray.is_initialized()
+
+
+def test_without_an_address_a_job_starts_a_ray_of_its_own(monkeypatch):
+    """Not the cluster a `ray start` left on this machine, which plain ray.init() would join and then refuse."""
+    calls = []
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", lambda **kwargs: calls.append(kwargs))
+    connect_ray()
+    connect_ray("10.0.0.1:6379")
+    assert calls[0]["address"] == "local" and calls[0]["num_cpus"] >= LOCAL_MIN_CPUS
+    assert calls[1] == {"address": "10.0.0.1:6379"}
 
 
 def test_generate_with_a_missing_checkpoint_is_one_line(capsys, tmp_path):

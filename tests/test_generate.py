@@ -18,6 +18,7 @@ from dalle_core.config import SamplingConfig
 from dalle_core.images import make_grid
 from dalle_core.sampling import PromptChecker, generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
+from dalle_core.train_utils import native_bf16
 from pipelines.artifacts import latest_checkpoint, model_paths
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +68,28 @@ def test_same_seed_same_pictures_and_scores_rank_candidates(config):
     again = generate_prompt(gen, tok, "a large blue square at the top", 4, sampling, clip)
     assert (first.images == again.images).all() and first.images.shape == (4, 16, 16, 3)
     assert [first.scores[i] for i in first.order] == sorted(first.scores, reverse=True)
+
+
+def test_sampler_precision_sets_weights_and_cache_and_stays_near_fp32(config):
+    paths = config.paths.resolved()
+    ckpt = latest_checkpoint(paths.runs, "dalle")
+    full, half = load_generator(ckpt, paths.vae, precision="fp32"), load_generator(ckpt, paths.vae, precision="bf16")
+    assert (full.precision, half.precision) == ("fp32", "bf16")
+    assert full.dalle.new_cache(2)[0].k.dtype == torch.float32 and half.dalle.new_cache(2)[0].k.dtype == torch.bfloat16
+    assert next(half.vae.parameters()).dtype == torch.float32  # the decoder stays fp32
+    auto = load_generator(ckpt, paths.vae)
+    assert auto.precision == ("bf16" if native_bf16() else "fp32") and auto.precision_reason.startswith("auto:")
+    text = torch.randint(1, config.tokenizer.vocab_size, (2, config.tokenizer.text_seq_len))
+    codes = torch.randint(0, config.vae.num_tokens, (2, config.vae.image_seq_len))
+    with torch.no_grad():
+        want, got = full.dalle(text, codes).float(), half.dalle(text, codes).float()
+    finite = want > -1e30  # the masked entries
+    assert torch.allclose(got[finite], want[finite], atol=0.1, rtol=0.05)
+    sampling = SamplingConfig(cond_scale=2.0, num_candidates=2, top_images=1, seed=3)
+    pictures = half.generate(text[:1], 2, sampling, seed=3)
+    assert pictures.dtype == torch.float32 and pictures.shape[:2] == (1, 2)
+    with pytest.raises(ValueError, match="sampling.precision: fp16 needs a CUDA device"):
+        load_generator(ckpt, paths.vae, precision="fp16")
 
 
 def test_latest_checkpoint_picks_the_highest_step(config, tmp_path):

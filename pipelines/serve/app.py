@@ -104,7 +104,8 @@ class Generator:
     def __init__(self, paths: ModelPaths, text_seq_len: int, sampling: SamplingConfig, max_batch_size: int,
                  batch_wait_timeout_s: float, num_gpus: float = 0.0) -> None:
         self.sampling = sampling
-        self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus))
+        self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus), sampling.precision)
+        print(f"[generator] precision={self.model.precision} ({self.model.precision_reason})", flush=True)
         self.tokenizer = BPETokenizer.load(paths.tokenizer, text_seq_len)
         self.model.check_tokenizer(self.tokenizer)
         self.checker = PromptChecker(self.tokenizer)
@@ -121,8 +122,8 @@ class Generator:
         return await asyncio.to_thread(self._run, requests)
 
     def settings(self) -> dict[str, Any]:
-        """The sampling settings this replica uses (recorded beside every output)."""
-        return dict(vars(self.sampling))
+        """The sampling settings this replica uses, ``auto`` precision resolved and the reason beside it."""
+        return dict(vars(self.sampling), precision=self.model.precision, precision_reason=self.model.precision_reason)
 
 
 @serve.deployment

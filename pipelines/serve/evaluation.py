@@ -225,14 +225,15 @@ def training_curves(config: Config) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.DataFrame,
-                  timing: dict[str, float]) -> dict[str, Any]:
-    """results.parquet, metrics.json, grid.png and report.html; returns the metrics."""
+                  timing: dict[str, float], sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+    """results.parquet, metrics.json, grid.png and report.html; returns the metrics. ``sampling`` is what the
+    generator ran with (precision resolved), default the config's section."""
     out = output.rstrip("/")
     metrics = compute_metrics(results)
     if config.evaluate.prompt_source == "synthetic":
         metrics["vae_reconstruction"] = checker.dvae_reconstruction(load_model(paths.vae), config.synthetic)
         metrics["quality_bar"] = quality_bar(metrics)
-    metrics.update(sampling=asdict(config.sampling), models=asdict(paths), output=out, **timing)
+    metrics.update(sampling=sampling or asdict(config.sampling), models=asdict(paths), output=out, **timing)
     storage.write_parquet(pa.Table.from_pandas(_nullable(results), preserve_index=False), f"{out}/results.parquet")
     storage.write_json(f"{out}/metrics.json", metrics)
     write_report(out, results, metrics, config.evaluate.grid_max_prompts, training_curves(config))
@@ -251,6 +252,7 @@ def run_evaluation(config: Config, paths: ModelPaths, output: str, prompts: list
     serve.start(http_options={"host": ev.http_host, "port": ev.http_port})
     try:
         serve.run(build_app(config, paths), name=ev.app_name, route_prefix=ev.route_prefix, blocking=False)
+        sampling = serve.get_deployment_handle("Generator", ev.app_name).settings.remote().result()
         ready = time.perf_counter()
         # The client actors only wait on handles, so they take no CPU from the replicas.
         results = stream_prompts(prompts, ServeClient, client_kwargs(config, output), ev.driver_batch_size,
@@ -259,4 +261,5 @@ def run_evaluation(config: Config, paths: ModelPaths, output: str, prompts: list
     finally:
         serve.shutdown()
     return write_outputs(config, paths, output, results, {
-        "prompts_per_s": len(prompts) / elapsed, "serve_startup_s": ready - start, "generation_s": elapsed})
+        "prompts_per_s": len(prompts) / elapsed, "serve_startup_s": ready - start, "generation_s": elapsed},
+        sampling)

@@ -25,6 +25,7 @@ from ray.train.torch import TorchTrainer
 from dalle_core.checkpoint import save_model
 from dalle_core.dalle import DALLE
 from dalle_core.train_utils import (
+    DTYPES,
     collate_tokens,
     make_optimizer,
     make_scheduler,
@@ -41,7 +42,6 @@ from pipelines.train.runner import Progress, WorkerContext, build_trainer, fit_a
 
 TOKEN_COLUMNS = ["text_ids", "image_codes"]  # string columns (key, caption, source) never reach the workers
 DS_TAG = "state"
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def deepspeed_config(train: TrainConfig, world_size: int, precision: str) -> dict[str, Any]:
