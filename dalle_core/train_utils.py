@@ -19,6 +19,8 @@ from torch import nn
 from dalle_core.config import OptimConfig
 from dalle_core.tokenizer import pad_text_ids
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the precision names' dtypes
+
 
 def lr_multiplier(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
     """Linear warmup to 1, then cosine decay to ``min_lr_ratio`` at ``total_steps`` (held there after).
@@ -123,8 +125,6 @@ def annealed_temperature(step: int, start: float, rate: float, minimum: float) -
     """Gumbel-softmax temperature for the dVAE: ``start * exp(-rate * step)``, floored at ``minimum``
     (high early so every code gets gradient, low late so samples approach the hard argmax)."""
     return max(start * math.exp(-rate * step), minimum)
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the precision names' dtypes
 
 
 def native_bf16(device: torch.device | str = "cpu") -> bool:

@@ -71,6 +71,7 @@ def test_report_carries_every_caption_score_and_verdict_failures_first(tmp_path)
     assert page.count("top-1 wrong</span>") == 3
     assert "empty_prompt" in page and "no words" in page
     assert page.count("<svg") == 1 and "DALLE: training loss" in page  # CLIP's records carry no loss
+    assert "DALLE: training loss (log scale)" in page  # 5.0 down to 0.17 spans more than 10x
 
     grid = Image.open(tmp_path / "grid.png")
     assert grid.size[0] > 420 + 2 * 64 and grid.size[1] > 4 * 64  # caption column, four rows of two

@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import io
 import json
+import math
 from dataclasses import fields
 from typing import Any
 
@@ -277,14 +278,19 @@ def _metrics_section(metrics: dict[str, Any]) -> str:
 
 
 def _svg_curve(title: str, points: list[tuple[float, float]], width: int = 420, height: int = 200) -> str:
-    """One metric against step as an inline SVG line chart, with its range on the axes."""
+    """One metric against step as an inline SVG line chart, with its range on the axes. A positive metric that
+    spans more than 10x is drawn on a log scale, so the first steps' drop does not flatten the rest."""
     xs, ys = [p[0] for p in points], [p[1] for p in points]
     x0, x1, y0, y1 = min(xs), max(xs), min(ys), max(ys)
     left, bottom, top = 48, 24, 22
+    scale = math.log10 if y0 > 0 and y1 > 10 * y0 else float
+    if scale is math.log10:
+        title += " (log scale)"
+    s0, s1 = scale(y0), scale(y1)
 
     def at(x: float, y: float) -> str:
         px = left + (x - x0) / ((x1 - x0) or 1) * (width - left - 10)
-        py = top + (y1 - y) / ((y1 - y0) or 1) * (height - top - bottom)
+        py = top + (s1 - scale(y)) / ((s1 - s0) or 1) * (height - top - bottom)
         return f"{px:.1f},{py:.1f}"
 
     axis = f"stroke='#999' fill='none' points='{left},{top} {left},{height - bottom} {width - 10},{height - bottom}'"
