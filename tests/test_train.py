@@ -49,6 +49,8 @@ OVERRIDES = {
     "train.checkpoint_every": 4, "train.keep_checkpoints": 2, "train.log_every": 1, "train.shuffle_buffer": 16,
     "train.zero3_persistence_threshold": 0, "train.peak_flops_per_worker": 1.0e10,
     "train.optim.lr": 3.0e-3, "train.optim.warmup_steps": 2, "train.max_failures": 0,
+    # fp32 on every machine: these tests compare weights and logits to 1e-5 (auto would be bf16 where native)
+    "train.precision": "fp32",
 }
 
 
