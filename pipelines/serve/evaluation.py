@@ -225,15 +225,15 @@ def training_curves(config: Config) -> dict[str, list[dict[str, Any]]]:
 
 
 def write_outputs(config: Config, paths: ModelPaths, output: str, results: pd.DataFrame,
-                  timing: dict[str, float], sampling: dict[str, Any] | None = None) -> dict[str, Any]:
+                  timing: dict[str, float], sampling: dict[str, Any]) -> dict[str, Any]:
     """results.parquet, metrics.json, grid.png and report.html; returns the metrics. ``sampling`` is what the
-    generator ran with (precision resolved), default the config's section."""
+    generator ran with (its ``settings()``: the config's section, precision resolved)."""
     out = output.rstrip("/")
     metrics = compute_metrics(results)
     if config.evaluate.prompt_source == "synthetic":
         metrics["vae_reconstruction"] = checker.dvae_reconstruction(load_model(paths.vae), config.synthetic)
         metrics["quality_bar"] = quality_bar(metrics)
-    metrics.update(sampling=sampling or asdict(config.sampling), models=asdict(paths), output=out, **timing)
+    metrics.update(sampling=sampling, models=asdict(paths), output=out, **timing)
     storage.write_parquet(pa.Table.from_pandas(_nullable(results), preserve_index=False), f"{out}/results.parquet")
     storage.write_json(f"{out}/metrics.json", metrics)
     write_report(out, results, metrics, config.evaluate.grid_max_prompts, training_curves(config))
