@@ -231,7 +231,7 @@ class EvaluateConfig(Section):
     prompt_column: str = bound("caption", nonempty=True)
     num_prompts: int = bound(16, ge=0)  # 0 = every prompt of the source
     driver_concurrency: int = bound(2, ge=1)  # Ray Data actors calling the deployment handles
-    driver_batch_size: int = bound(4, ge=1)  # prompts per Ray Data batch (all sent to Serve at once)
+    driver_batch_size: int = bound(8, ge=1)  # prompts per Ray Data batch (all sent to Serve at once)
     grid_max_prompts: int = bound(32, ge=1)  # rows of grid.png / report.html
 
     def check(self, name: str) -> None:

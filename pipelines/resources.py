@@ -75,6 +75,21 @@ def client_actor_options(ev: EvaluateConfig) -> dict[str, Any]:
     return {"concurrency": ev.driver_concurrency, "num_cpus": 0.0}
 
 
+def prompts_in_flight(ev: EvaluateConfig) -> tuple[int, int]:
+    """The prompts the evaluation driver keeps in flight (each client actor sends its whole batch at once), and
+    how many keep every Generator busy: a replica's next batch waiting while it samples the current one, so
+    ``2 x max_batch_size`` per replica. With fewer, replicas sample part-empty batches or wait on the clients."""
+    return ev.driver_concurrency * ev.driver_batch_size, 2 * ev.generator_replicas * ev.max_batch_size
+
+
+def sampler_bytes_per_value(sampling_precision: str, num_gpus: float) -> int:
+    """Bytes per weight and per KV-cache value of a Generator replica (``sampling.precision``). The plan sees no
+    device: ``auto`` on a GPU is taken as bf16 (every A100/H100 runs it), on a CPU as fp32, the safe side."""
+    if sampling_precision == "auto":
+        return 2 if num_gpus > 0 else 4
+    return 4 if sampling_precision == "fp32" else 2
+
+
 def _as_resources(options: dict[str, Any]) -> dict[str, float]:
     """Ray's ``num_cpus``/``num_gpus`` options as the resource dict they reserve (no GPU key when none)."""
     resources = {"CPU": float(options.get("num_cpus") or 0.0)}
@@ -296,7 +311,10 @@ def _plan_evaluate(cfg: Config) -> dict[str, Any]:
     # One @serve.batch pass samples every candidate of every prompt in the batch, twice with guidance.
     rows = ev.max_batch_size * sampling.num_candidates * (2 if sampling.cond_scale != 1 else 1)
     inner = dalle.heads * dalle.dim_head
-    kv_cache = rows * sizes["seq_len"] * dalle.depth * 2 * inner * 4  # keys + values, fp32 checkpoint dtype
+    value_bytes = sampler_bytes_per_value(sampling.precision, ev.generator_num_gpus)
+    kv_cache = rows * sizes["seq_len"] * dalle.depth * 2 * inner * value_bytes  # keys + values
+    weights = value_bytes * sizes["params"]
+    in_flight, needed = prompts_in_flight(ev)
     return {
         "ray": "ray.serve application (Generator + Scorer) driven by ray.data",
         "generator": {"num_replicas": ev.generator_replicas, "resources_per_replica": generator,
@@ -305,12 +323,13 @@ def _plan_evaluate(cfg: Config) -> dict[str, Any]:
                    "max_batch_size": ev.scorer_max_batch_size},
         "ingress": {"num_replicas": 1, "resources_per_replica": ingress},
         "driver": {"concurrency": client["concurrency"], "resources_per_actor": driver,
-                   "batch_size": ev.driver_batch_size},
+                   "batch_size": ev.driver_batch_size, "prompts_in_flight": in_flight,
+                   "prompts_in_flight_to_keep_generators_busy": needed},
         "total": total,
         "sized_by": "evaluate.generator_replicas, evaluate.generator_num_cpus, evaluate.generator_num_gpus, "
                     "evaluate.scorer_replicas, evaluate.scorer_num_cpus, evaluate.scorer_num_gpus",
-        "generator_memory_gib": {"weights": _gib(4 * sizes["params"]), "kv_cache": _gib(kv_cache),
-                                 "total": _gib(4 * sizes["params"] + kv_cache)},
+        "generator_memory_gib": {"bytes_per_value": value_bytes, "weights": _gib(weights),
+                                 "kv_cache": _gib(kv_cache), "total": _gib(weights + kv_cache)},
     }
 
 

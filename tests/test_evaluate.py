@@ -21,11 +21,13 @@ from conftest import free_port
 from PIL import Image
 from ray import serve
 
+from dalle_core.checkpoint import load_model
+from dalle_core.tokenizer import BPETokenizer
 from pipelines import storage
 from pipelines.artifacts import model_paths
 from pipelines.config import Config, SyntheticConfig
 from pipelines.data.synthetic import Attributes, heldout_wording, parse_caption, sentence_shape, write_synthetic
-from pipelines.serve.app import RequestError, build_app, max_body_bytes, parse_request
+from pipelines.serve.app import RequestError, build_app, max_body_bytes, parse_request, score_batch
 from pipelines.serve.evaluation import load_prompts, run_evaluation
 from pipelines.serve.report import ATTRIBUTES, compute_metrics, format_metrics, quality_bar
 
@@ -89,6 +91,21 @@ def test_parse_request_defaults_and_limits():
     # The longest valid prompt fits the body limit however it is escaped (astral characters: 12 bytes each).
     worst = json.dumps({"prompt": "\U0001f600" * 20, "n": 6, "top": 6, "format": "json"}).encode()
     assert len(worst) <= max_body_bytes(20) and parse_request(worst, 8, 6, 20).prompt == "\U0001f600" * 20
+
+
+def test_score_batch_scores_each_request_against_its_own_caption_and_passes_rejects_through(config):
+    clip = load_model(model_paths(config).clip).eval()
+    tokenizer = BPETokenizer.load(model_paths(config).tokenizer, config.tokenizer.text_seq_len)
+    rng = np.random.default_rng(0)
+    ok = [{"text_ids": tokenizer.encode([caption])[0], "caption": caption,
+           "images": rng.integers(0, 256, (n, config.vae.image_size, config.vae.image_size, 3), dtype=np.uint8)}
+          for caption, n in (("a small red circle", 3), ("a large blue square on the left", 2))]
+    rejected = {"text_ids": None, "caption": "a red circle \u2603", "images": None}  # a Generator result, as chained
+    scores = score_batch(clip, [ok[0], rejected, ok[1]])
+    assert scores[1] is None and [len(s) for s in (scores[0], scores[2])] == [3, 2]
+    for request, got in zip(ok, (scores[0], scores[2]), strict=True):
+        assert got == pytest.approx(score_batch(clip, [request])[0], abs=1e-5)  # the batch does not mix captions
+    assert score_batch(clip, [rejected]) == [None]
 
 
 class Live:

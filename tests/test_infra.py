@@ -451,6 +451,20 @@ def test_actor_options_are_what_the_plans_show() -> None:
     assert plan["scorer"]["resources_per_replica"] == {"CPU": 4, "GPU": 0.5}
 
 
+@pytest.mark.parametrize("name", ["tiny", "base", "large"])
+def test_every_preset_keeps_its_generators_fed_and_sizes_their_memory_in_the_sampler_dtype(name: str) -> None:
+    cfg = Config.load(ROOT / f"configs/{name}.yaml")
+    driver, memory = (plan_resources("evaluate", cfg)[k] for k in ("driver", "generator_memory_gib"))
+    ev = cfg.evaluate
+    assert driver["prompts_in_flight"] == ev.driver_concurrency * ev.driver_batch_size
+    assert driver["prompts_in_flight"] >= driver["prompts_in_flight_to_keep_generators_busy"] == \
+        2 * ev.generator_replicas * ev.max_batch_size
+    assert memory["bytes_per_value"] == (2 if ev.generator_num_gpus else 4)  # auto: bf16 on a GPU, fp32 on a CPU
+    fp32 = plan_resources("evaluate", Config.load(ROOT / f"configs/{name}.yaml", {"sampling.precision": "fp32"}))
+    assert fp32["generator_memory_gib"]["kv_cache"] == pytest.approx(memory["kv_cache"] * 4 / memory["bytes_per_value"],
+                                                                      abs=0.02)
+
+
 def test_ingest_plan_follows_the_source() -> None:
     urls = plan_resources("ingest", Config.load(overrides={"ingest.processes_count": 4, "ingest.thread_count": 32}))
     assert urls["img2dataset"]["parallel_downloads"] == 128 and urls["total"] == {"CPU": 0, "GPU": 0}

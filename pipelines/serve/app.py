@@ -83,17 +83,21 @@ def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: Samp
     return out
 
 
-def score_batch(clip: torch.nn.Module, requests: list[dict[str, Any]]) -> list[list[float]]:
-    """The Scorer's work for one batch: every candidate of every request in one CLIP pass. Requests carry both
-    the BPE ids (our CLIP reads them) and the caption (an open_clip scorer tokenizes it itself)."""
-    counts = [len(r["images"]) for r in requests]
-    ids = [r["text_ids"] for r in requests]
+def score_batch(clip: torch.nn.Module, requests: list[dict[str, Any]]) -> list[list[float] | None]:
+    """The Scorer's work for one batch: every candidate of every request in one CLIP pass; None for a request
+    without pictures (a prompt the Generator rejected, whose result is chained here as it is). Requests carry
+    both the BPE ids (our CLIP reads them) and the caption (an open_clip scorer tokenizes it itself)."""
+    scored = [r for r in requests if r["images"] is not None]
+    if not scored:
+        return [None] * len(requests)
+    counts = [len(r["images"]) for r in scored]
+    ids = [r["text_ids"] for r in scored]
     seq = getattr(clip.config, "text_seq_len", None) or max(len(i) for i in ids)
     text = pad_text_ids(ids, seq).repeat_interleave(torch.tensor(counts), dim=0)
-    captions = [r.get("caption", "") for r, n in zip(requests, counts, strict=True) for _ in range(n)]
-    images = from_uint8(np.concatenate([r["images"] for r in requests]))
-    scores = score_candidates(clip, text, images[:, None], captions)[:, 0]
-    return [s.tolist() for s in scores.split(counts)]
+    captions = [r.get("caption", "") for r, n in zip(scored, counts, strict=True) for _ in range(n)]
+    images = from_uint8(np.concatenate([r["images"] for r in scored]))
+    scores = iter(s.tolist() for s in score_candidates(clip, text, images[:, None], captions)[:, 0].split(counts))
+    return [next(scores) if r["images"] is not None else None for r in requests]
 
 
 @serve.deployment
@@ -136,12 +140,13 @@ class Scorer:
         self.score.set_max_batch_size(max_batch_size)
         self.score.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
-    def _run(self, requests: list[dict[str, Any]]) -> list[list[float]]:
+    def _run(self, requests: list[dict[str, Any]]) -> list[list[float] | None]:
         return score_batch(self.clip, requests)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
-    async def score(self, requests: list[dict[str, Any]]) -> list[list[float]]:
-        """``{"text_ids": list[int], "images": uint8 [N, H, W, C]}`` per request -> N scores."""
+    async def score(self, requests: list[dict[str, Any]]) -> list[list[float] | None]:
+        """``{"text_ids": list[int], "caption": str, "images": uint8 [N, H, W, C] | None}`` per request (a
+        Generator result fits) -> N scores, or None where there are no pictures."""
         return await asyncio.to_thread(self._run, requests)
 
 

@@ -32,7 +32,7 @@ from pipelines import storage
 from pipelines.artifacts import ModelPaths, run_dir
 from pipelines.config import Config
 from pipelines.data import checker, synthetic
-from pipelines.resources import client_actor_options
+from pipelines.resources import client_actor_options, prompts_in_flight
 from pipelines.serve.app import GENERATOR, SCORER, build_app
 from pipelines.serve.report import ATTRIBUTES, PROMPT_SETS, compute_metrics, quality_bar, write_report
 
@@ -139,36 +139,33 @@ class ServeClient:
                              **{f"pred_{a}": str(pred.get(a, "")) for a in ATTRIBUTES}))
         return rows
 
-    def _generate(self, records: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        """All prompts of the batch are in flight at once, so Serve can group them with other actors'."""
-        futures = [self.generator.generate.remote({"prompt": r["prompt"], "key": r["key"],
-                                                   "num_candidates": self.n}) for r in records]
-        gens = []
-        for fut in futures:
+    def _candidates(self, records: list[dict[str, Any]]) -> list[tuple[dict[str, Any], list[float] | None]]:
+        """Each prompt's generation result and its candidates' scores (None for a rejected prompt). Every prompt
+        of the batch is in flight at once, so Serve groups them with other actors' prompts, and each scoring
+        call is chained on its generation inside Serve: the Scorer takes the pictures straight from the
+        Generator's result, and no client sits between the two while they work."""
+        calls = []
+        for r in records:
+            gen = self.generator.generate.remote({"prompt": r["prompt"], "key": r["key"], "num_candidates": self.n})
+            calls.append((gen, self.scorer.score.remote(gen)))
+        out: list[tuple[dict[str, Any], list[float] | None]] = []
+        for gen_call, score_call in calls:
             try:
-                gens.append(fut.result())
+                gen = gen_call.result()
             except Exception as exc:  # a failed replica call costs its prompts, not the job
-                gens.append({"status": STATUS_ERROR, "detail": f"generator call failed: {exc!r}", "images": None})
-        return gens
-
-    def _score(self, gens: list[dict[str, Any]]) -> list[list[float] | Exception | None]:
-        futures = [self.scorer.score.remote({"text_ids": g["text_ids"], "caption": g["caption"], "images": g["images"]})
-                   if g["images"] is not None else None for g in gens]
-        out: list[list[float] | Exception | None] = []
-        for fut in futures:
+                out.append(({"status": STATUS_ERROR, "detail": f"generator call failed: {exc!r}", "images": None},
+                            None))
+                continue
             try:
-                out.append(fut.result() if fut is not None else None)
+                out.append((gen, score_call.result()))
             except Exception as exc:
-                out.append(exc)
+                out.append((dict(gen, status=STATUS_ERROR, detail=f"scorer call failed: {exc!r}"), None))
         return out
 
     def __call__(self, batch: pd.DataFrame) -> pd.DataFrame:
         records = batch.to_dict("records")
-        gens = self._generate(records)
         rows = []
-        for rec, gen, scores in zip(records, gens, self._score(gens), strict=True):
-            if isinstance(scores, Exception):
-                gen, scores = dict(gen, status=STATUS_ERROR, detail=f"scorer call failed: {scores!r}"), None
+        for rec, (gen, scores) in zip(records, self._candidates(records), strict=True):
             rows.extend(self._rows(rec, gen, scores))
         return pd.DataFrame(rows)
 
@@ -248,6 +245,10 @@ def run_evaluation(config: Config, paths: ModelPaths, output: str, prompts: list
 
     paths.require()
     ev = config.evaluate
+    in_flight, needed = prompts_in_flight(ev)
+    if in_flight < needed:
+        print(f"[evaluate] warning: evaluate.driver_concurrency x driver_batch_size = {in_flight} prompts in flight; "
+              f"{needed} (2 x generator_replicas x max_batch_size) keep every Generator busy", flush=True)
     start = time.perf_counter()
     serve.start(http_options={"host": ev.http_host, "port": ev.http_port})
     try:
