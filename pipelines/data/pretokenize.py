@@ -431,9 +431,12 @@ def _process(by_stem: dict[str, str], todo: list[str], expected: dict[str, int],
     present = set(storage.parquet_columns(by_stem[todo[0]]))
     cfg = models.vae.config
     wanted = ["key", "caption", "url", payload, "status", "error_message", "source"]
-    # One block per raw shard at least: stages overlap and finished shards are written while others run.
-    ds = read_shards([by_stem[s] for s in todo], include_paths=True, override_num_blocks=len(todo))
-    ds = ds.select_columns([c for c in wanted if c in present] + ["path"])
+    ds = read_shards([by_stem[s] for s in todo], include_paths=True)
+    # Blocks of one batch each, streamed: Ray's Parquet reader packs small files into one block (up to 1 MiB at
+    # least, 128 MiB at most), and a block is one decode task and one encoder call sequence, so without this a
+    # few blocks kept every encoder actor but one idle (seen: 1 of 2, the job at 0.36x the bare encoder).
+    ds = ds.select_columns([c for c in wanted if c in present] + ["path"]).repartition(
+        target_num_rows_per_block=config.batch_size)
     if payload == ENCODING_COLUMN:  # the codes are the input's own: no image tokenizer runs
         ds = ds.map_batches(encoded_batch, batch_size=config.batch_size, batch_format="pyarrow", fn_kwargs={
             "tokenizer": models.tokenizer, "image_seq_len": cfg.image_seq_len, "num_tokens": cfg.num_tokens,
