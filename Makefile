@@ -38,6 +38,7 @@ test: lint
 bench: setup
 	bash ../shared/peer/install-peer.sh $(PY)
 	$(PY) benchmarks/bench_model.py --out benchmarks/results/bench_model.json
+	$(PY) benchmarks/bench_paper_shape.py --out benchmarks/results/bench_paper_shape_cpu.json
 
 clean:
 	rm -rf $(VENV) outputs

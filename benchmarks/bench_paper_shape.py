@@ -4,7 +4,8 @@
 
 Per pattern: training tokens/s (forward, backward, AdamW) of ours and of DALLE-pytorch 1.6.6 in this process
 (``make bench`` installs it), alternating, best of several rounds; the share of the matmul peak measured here at
-the model's own matmul shapes; cached image tokens/s at batch 1, 8 and 32, plain and guided; and the peak memory
+the model's own matmul shapes; cached image tokens/s at batch 1, 8 and 32, plain and guided, with our weights in
+the sampler's dtype (the reference under autocast: it has no such setting); and the peak memory
 one training step takes with and without activation checkpointing (each in a fresh process, so the high-water
 mark is its own). Everything runs in the dtype this machine computes natively (``precision: auto``).
 """
@@ -140,6 +141,7 @@ def main() -> None:
 
         gen: dict = {}
         image_tokens = SHAPE["image_fmap_size"] ** 2
+        ours = ours.to(dtype)  # as the sampler runs it (sampling.precision): weights, and so the KV cache, in dtype
         for batch in args.gen_batches:
             print(f"[generate] {kind} batch {batch}", file=sys.stderr, flush=True)
             text = captions(batch)[0]

@@ -89,10 +89,12 @@ def sparse_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, 
     # so only its own (discarded) query could see it.
     pad = text_len + fmap * fmap - seq
     qi, ki, vi = (F.pad(x[:, :, text_len:], (0, 0, 0, pad)).view(b, h, fmap, fmap, d) for x in (q, k, v))
-    kt, vt = k[:, :, None, :text_len], v[:, :, None, :text_len]
+    kt, vt = k[:, :, :text_len], v[:, :, :text_len]
     if kind == "axial_col":  # columns become lines; back to rows at the end
         qi, ki, vi = (x.transpose(2, 3) for x in (qi, ki, vi))
-    scores_text = (qi @ kt.transpose(-1, -2)) * scale  # [B, H, line, cell, text]
+    # Every image query against the text keys as one [cells, text] matmul per head: broadcasting the text keys
+    # over the lines instead made a copy per line and 32 small matmuls (the path then cost what `full` does).
+    scores_text = (qi.reshape(b, h, fmap * fmap, d) @ kt.transpose(-1, -2)).view(b, h, fmap, fmap, text_len) * scale
     if kind in ("axial_row", "axial_col"):
         scores_local = (qi @ ki.transpose(-1, -2)) * scale  # [B, H, line, query cell, key cell]
         allowed = torch.ones(fmap, fmap, dtype=torch.bool, device=q.device).tril()
@@ -108,7 +110,7 @@ def sparse_attention(kind: str, q: Tensor, k: Tensor, v: Tensor, text_len: int, 
     probs = torch.softmax(torch.cat([scores_text, scores_local], dim=-1).float(), dim=-1).to(v.dtype)
     probs = F.dropout(probs, dropout) if dropout > 0 else probs
     p_text, p_local = probs.split([text_len, probs.shape[-1] - text_len], dim=-1)
-    out = p_text @ vt + p_local @ vi
+    out = (p_text.reshape(b, h, fmap * fmap, text_len) @ vt).view(b, h, fmap, fmap, d) + p_local @ vi
     if kind == "axial_col":
         out = out.transpose(2, 3)
     out_image = out.reshape(b, h, fmap * fmap, d)[:, :, : seq - text_len]

@@ -32,7 +32,14 @@ from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.config import to_dict
 from dalle_core.dalle import DALLE
 from dalle_core.images import make_grid
-from dalle_core.train_utils import annealed_temperature, collate_tokens, lr_multiplier, mfu, precision_choice
+from dalle_core.train_utils import (
+    annealed_temperature,
+    collate_tokens,
+    lr_multiplier,
+    mfu,
+    peak_memory_bytes,
+    precision_choice,
+)
 from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.manifest import SCHEMA_VERSION, token_schema
@@ -170,6 +177,16 @@ def test_precision_auto_follows_native_bf16_and_explicit_bf16_warns(native, monk
     chosen, why = precision_choice("bf16")
     assert chosen == "bf16" and ("WARNING" in why) != native
     assert precision_choice("fp32") == ("fp32", "set in the config")
+
+
+def test_peak_memory_of_a_fresh_process_is_its_own():
+    """A probe or worker process started from a big parent reports its own peak, not the parent's (ru_maxrss
+    survives exec; the memory benchmark once read its 3 GB parent's figure in both of its probes)."""
+    ballast = np.ones(1024**3, dtype=np.uint8)  # 1 GiB touched: this process's peak is at least that
+    code = "from dalle_core.train_utils import peak_memory_bytes; print(peak_memory_bytes())"
+    child = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=120,
+                           cwd=Path(__file__).resolve().parents[1])
+    assert peak_memory_bytes() >= ballast.nbytes > int(child.stdout) > 0
 
 
 def test_manifest_mismatch_fails_before_ray_starts(tmp_path, monkeypatch, capsys):
