@@ -1,7 +1,7 @@
 """Generation throughput: batched cached sampling with and without guidance, and the Serve job end to end.
 
     python benchmarks/bench_generate.py [--config configs/tiny.yaml] [--checkpoint ...] [--device cpu|cuda]
-        [--batches 1 8 32] [--prompts 64] [--skip-serve]
+        [--batches 1 8 32] [--prompts 192] [--skip-serve]
 
 Prints JSON: image tokens/s per batch size for ``cond_scale`` 1 and guided, in the sampler's precision
 (``sampling.precision``, auto: bf16 where native), the guidance cost ratio (both branches share one batched

@@ -86,8 +86,8 @@ def sampler_bytes_per_value(sampling_precision: str, num_gpus: float) -> int:
     """Bytes per weight and per KV-cache value of a Generator replica (``sampling.precision``). The plan sees no
     device: ``auto`` on a GPU is taken as bf16 (every A100/H100 runs it), on a CPU as fp32, the safe side."""
     if sampling_precision == "auto":
-        return 2 if num_gpus > 0 else 4
-    return 4 if sampling_precision == "fp32" else 2
+        sampling_precision = "bf16" if num_gpus > 0 else "fp32"
+    return element_bytes(sampling_precision)
 
 
 def _as_resources(options: dict[str, Any]) -> dict[str, float]:
