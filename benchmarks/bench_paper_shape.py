@@ -3,11 +3,12 @@
     python benchmarks/bench_paper_shape.py [--out benchmarks/results/bench_paper_shape.json]
 
 Per pattern: training tokens/s (forward, backward, AdamW) of ours and of DALLE-pytorch 1.6.6 in this process
-(``make bench`` installs it), alternating, best of several rounds; the share of the matmul peak measured here at
-the model's own matmul shapes; cached image tokens/s at batch 1, 8 and 32, plain and guided, with our weights in
-the sampler's dtype (the reference under autocast: it has no such setting); and the peak memory
-one training step takes with and without activation checkpointing (each in a fresh process, so the high-water
-mark is its own). Everything runs in the dtype this machine computes natively (``precision: auto``).
+(``make bench`` installs it), alternating, best of several rounds, then ours compiled (``train.compile``); the
+share of the matmul peak measured here at the model's own matmul shapes; cached image tokens/s at batch 1, 8
+and 32, plain and guided, with our weights in the sampler's dtype (the reference under autocast: it has no such
+setting); and the peak memory one training step takes with and without activation checkpointing (each in a
+fresh process, so the high-water mark is its own). Everything runs in the dtype this machine computes natively
+(``precision: auto``).
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def attention_seconds(kind: str, dtype: torch.dtype, sparse_path: str, repeats: 
     times = []
     for _ in range(repeats + 1):
         start = time.perf_counter()
-        block._attend(q, k, v, 0, tables, cached=False).sum().backward()
+        block._attend(q, k, v, 0, tables).sum().backward()
         times.append(time.perf_counter() - start)
     return sorted(times[1:])[repeats // 2]
 
@@ -102,6 +103,8 @@ def main() -> None:
     parser.add_argument("--patterns", nargs="+", default=list(ATTN_TYPES), choices=ATTN_TYPES)
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-batch", type=int, default=8, help="sequences in the memory probe's step")
+    parser.add_argument("--no-compile", dest="compile", action="store_false",
+                        help="skip the torch.compile training figures (about 25 s of compiling per pattern)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--memory-probe", type=int, choices=(0, 1), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -137,6 +140,17 @@ def main() -> None:
         if peer is not None:
             entry.update(reference_tokens_per_s=tokens / best_peer, speedup_vs_reference=best_peer / best_ours,
                          reference_params=peer_params(peer))
+        if args.compile:  # as `train.compile: true` runs it: the whole model one graph, after compiling on step 1
+            print(f"[train] {kind} compiled", file=sys.stderr, flush=True)
+            ours.compile()
+            start = time.perf_counter()
+            train_step_seconds(ours, False, dtype, steps=1, data=data, warmup=0)
+            compiled = min(train_step_seconds(ours, False, dtype, args.steps, data) for _ in range(args.rounds))
+            entry.update(compile_s=time.perf_counter() - start - compiled, compiled_step_s=compiled,
+                         compiled_tokens_per_s=tokens / compiled, compiled_speedup_vs_eager=best_ours / compiled,
+                         compiled_mfu=checked_mfu(kind, tokens / compiled, ours, peak))
+            if peer is not None:
+                entry["compiled_speedup_vs_reference"] = best_peer / compiled
         report["train"][kind] = entry
 
         gen: dict = {}
@@ -162,6 +176,8 @@ def main() -> None:
     if full:
         for entry in report["train"].values():
             entry["step_cost_vs_full"] = entry["step_s"] / full["step_s"]
+            if "compiled_step_s" in entry:
+                entry["compiled_step_cost_vs_full"] = entry["compiled_step_s"] / full["compiled_step_s"]
     attention: dict = {"full_ms": attention_seconds("full", dtype, "structured") * 1e3}
     for kind in set(args.patterns) - {"full"}:
         for path in ("structured", "mask"):

@@ -29,10 +29,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", help="manifest path (default: <shards>/manifest.json)")
     parser.add_argument("--zero-stage", type=int, help="train.zero_stage (0-3)")
     parser.add_argument("--precision", help="train.precision (auto, fp32, bf16, fp16)")
+    parser.add_argument("--compile", action="store_true", default=None, help="train.compile: torch.compile the DALLE")
     add_trainer_flags(parser, "train", "dalle")
     args = parser.parse_args(argv)
     config = load_job_config(args.config, {
-        **trainer_overrides(args, "train"), "train.zero_stage": args.zero_stage, "train.precision": args.precision})
+        **trainer_overrides(args, "train"), "train.zero_stage": args.zero_stage, "train.precision": args.precision,
+        "train.compile": args.compile})
     paths = config.paths.resolved()
     shards = args.shards or paths.shards
     manifest = load_checked_manifest(config, shards, args.manifest)

@@ -133,6 +133,17 @@ def test_activation_checkpointing_recomputes_blocks_and_keeps_gradients():
     assert len(calls) == 3  # no recompute without gradients
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_training_forward_compiles_to_one_graph(checkpointing):
+    """``train.compile`` fuses the whole step only while the forward has no graph break (a ``.item()``, a tensor
+    turned into a Python int): TorchDynamo traces every pattern into a single graph."""
+    torch._dynamo.reset()
+    model = DALLE(tiny_config(attn_types=["full", "axial_row", "axial_col", "conv_like"],
+                              activation_checkpointing=checkpointing))
+    explained = torch._dynamo.explain(model)(*batch(model.config), return_loss=True)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+
 def test_guided_sampling_leaves_prompt_unchanged_and_uses_the_caption():
     torch.manual_seed(2)
     model = sharpened(DALLE(tiny_config()))
@@ -298,6 +309,19 @@ def test_sample_logits_top_k_by_fraction_and_by_count():
     assert set(sample_logits(logits, temperature=1.0, top_k=0.2, generator=g).tolist()) <= {8, 9}
     assert set(sample_logits(logits, temperature=1.0, top_k=3, generator=g).tolist()) == {7, 8, 9}
     assert set(sample_logits(logits, temperature=1e-4, top_k=3, generator=g).tolist()) == {9}
+
+
+def test_sample_logits_draws_the_filtered_softmax_distribution():
+    """The draw (one uniform per row against the cumulative distribution) follows softmax(logits / T) over the
+    kept codes: frequencies of 40k draws within 0.01 of it, filtered codes never drawn."""
+    logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0, -2.0, 0.0, 2.5]).repeat(40_000, 1)
+    g = torch.Generator().manual_seed(1)
+    tokens = sample_logits(logits, temperature=0.7, top_k=5, generator=g)
+    counts = torch.bincount(tokens, minlength=8).double() / len(tokens)
+    kept = logits[0] >= logits[0].topk(5).values[-1]
+    expected = torch.softmax((logits[0] / 0.7).masked_fill(~kept, float("-inf")), dim=0).double()
+    assert counts[~kept].sum() == 0
+    torch.testing.assert_close(counts, expected, rtol=0, atol=0.01)
 
 
 @pytest.mark.parametrize(

@@ -252,6 +252,20 @@ def test_zero3_killed_worker_resumes_from_last_checkpoint(reference, shards, tmp
         torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
 
 
+def test_compiled_engine_trains_like_the_eager_one(reference, shards, tmp_path):
+    """``train.compile``: DeepSpeed's engine runs the DALLE through torch.compile (ZeRO-2, two workers), and the
+    run ends where the eager reference did: same losses step by step, same consolidated weights."""
+    config = tiny_config(**{"train.zero_stage": 2, "train.compile": True})
+    fit(config, shards, tmp_path, "compiled")
+    weights = check_run_outputs(tmp_path / "compiled", config, workers=2)
+    compiled, eager = read_metrics(tmp_path / "compiled"), read_metrics(reference[0])
+    assert load_model_with_extra(str(tmp_path / "compiled" / "checkpoint_step_00000012" / "model.safetensors")
+                                 )[1]["compiled"] is True
+    np.testing.assert_allclose([m["loss"] for m in compiled], [m["loss"] for m in eager], rtol=1e-5)
+    for key, value in reference[1].items():
+        torch.testing.assert_close(weights[key], value, rtol=1e-4, atol=1e-5)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

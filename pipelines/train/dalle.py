@@ -102,6 +102,8 @@ class DalleTask:
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, lr_scheduler=scheduler,
             config=deepspeed_config(self.train, worker.world, worker.precision), dist_init_required=False)
+        if self.train.compile:  # in place: parameter names, checkpoints and ZeRO's hooks stay as they are
+            self.engine.compile()
         self.peak = self.train.peak_flops_per_worker or measure_peak_flops(worker.device,
                                                                            dtype=DTYPES[worker.precision])
         self.samples_per_step = self.train.batch_size * self.train.grad_accum * worker.world
@@ -109,7 +111,7 @@ class DalleTask:
         self.probe: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def describe(self) -> str:
-        return f"zero={self.train.zero_stage} params={self.num_params}"
+        return f"zero={self.train.zero_stage} params={self.num_params} compiled={self.train.compile}"
 
     def load(self, folder: str, rank: int, progress: Progress) -> None:
         self.engine.load_checkpoint(f"{folder}/deepspeed", tag=DS_TAG, load_optimizer_states=True,
@@ -121,7 +123,8 @@ class DalleTask:
         text, codes = collate_tokens(batch["text_ids"], batch["image_codes"], self.config.dalle.text_seq_len)
         text, codes = text.to(self.worker.device), codes.to(self.worker.device)
         self.probe = (text, codes)
-        loss, loss_text, loss_img = self.engine(text, codes, return_loss=True)
+        null = self.engine.module.caption_dropout(text)  # eager: compiled or not, a run draws the same rows
+        loss, loss_text, loss_img = self.engine(text, codes, return_loss=True, null=null)
         self.engine.backward(loss)
         next_step = progress.step + 1
         if self.engine.is_gradient_accumulation_boundary() and (next_step % self.train.log_every == 0
@@ -160,7 +163,9 @@ class DalleTask:
         engine.save_checkpoint(f"{folder}/deepspeed", tag=DS_TAG)
         weights = consolidated_state_dict(engine, keep=rank == 0)
         engine.module.eval()
-        with torch.no_grad():  # every rank forwards: under ZeRO-3 parameters are gathered collectively
+        # every rank forwards: under ZeRO-3 parameters are gathered collectively; eager, so that a compiled model
+        # does not compile an inference graph for one probe
+        with torch.no_grad(), torch.compiler.set_stance("force_eager"):
             logits = engine.module(*self.probe)
         engine.module.train()
         memory = torch.tensor([peak_memory_bytes(self.worker.device)], dtype=torch.float64)
@@ -173,7 +178,7 @@ class DalleTask:
                 model = DALLE(self.config.dalle)
             model.load_state_dict(weights)
             extra = dict(step=progress.step, epoch=progress.epoch, zero_stage=self.train.zero_stage,
-                         precision=self.worker.precision, **self.trained_on)
+                         precision=self.worker.precision, compiled=self.engine.is_compiled, **self.trained_on)
             save_model(model, f"{folder}/{artifacts.MODEL_FILE}", extra=lineage(self.train, extra))
             torch.save({"text": self.probe[0].cpu(), "image_codes": self.probe[1].cpu(),
                         "logits": logits.float().cpu()}, f"{folder}/probe.pt")
