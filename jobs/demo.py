@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -78,6 +79,7 @@ def main(argv: list[str] | None = None) -> int:
     names = [name for name, _ in chain]
     if args.from_stage:
         if args.from_stage not in names:
+            shutil.rmtree(workdir)
             print(f"demo: --from-stage must be one of {names}", file=sys.stderr)
             return 2
         chain = chain[names.index(args.from_stage):]
@@ -105,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"demo: stage {name!r} failed with exit code {code}", file=sys.stderr)
                 return code
     finally:
+        shutil.rmtree(workdir, ignore_errors=True)
         if cluster is not None:
             import ray
 

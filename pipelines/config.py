@@ -121,7 +121,7 @@ class TrainConfig(TrainerConfig):
     zero_stage: int = bound(0, choices=(0, 1, 2, 3))
     peak_flops_per_worker: float = bound(0.0, ge=0)  # for MFU; 0 measures a matmul on each worker at start
     zero3_persistence_threshold: int = bound(100_000, ge=0)  # params smaller than this stay whole at ZeRO-3
-    # torch.compile the DALLE inside the DeepSpeed engine: one fused graph (1.2-1.34x a step at the paper shape on
+    # torch.compile the DALLE inside the DeepSpeed engine: one fused graph (1.22-1.36x a step at the paper shape on
     # a 2-core CPU), paid for by ~15-25 s of compiling on each worker before its first step
     compile: bool = False
 

@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -35,9 +36,11 @@ def test_demo_runs_the_whole_chain_and_writes_every_artifact(tmp_path):
     config = tmp_path / "toy.yaml"
     config.write_text(yaml.safe_dump({**TOY, "paths": {"root": str(tmp_path / "out")}}))
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    workdirs = set(Path(tempfile.gettempdir()).glob("dalle-demo-*"))
     proc = subprocess.run([sys.executable, "jobs/demo.py", "--config", str(config), "--num-cpus", "4", "--seed", "3"],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert set(Path(tempfile.gettempdir()).glob("dalle-demo-*")) == workdirs  # its config copy is cleaned up
     assert "=== seconds per stage" in proc.stdout
     assert "quality bar" in proc.stdout.split("=== metrics")[-1]  # it ends with the metrics table
 

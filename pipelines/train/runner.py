@@ -240,6 +240,8 @@ class MetricsWriter:
         self.sync()
         self.tb.close()
         self.jsonl.close()
+        if not self.is_local:  # the staging copy, now uploaded
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 class IntervalSums:
