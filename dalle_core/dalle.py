@@ -235,8 +235,8 @@ class Block(nn.Module):
             cos, sin = tables["cos"][at].to(q.dtype), tables["sin"][at].to(q.dtype)  # bf16/fp16 engines
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
-            cache.k[:, :, start:start + n] = k
-            cache.v[:, :, start:start + n] = v
+            cache.k[:, :, at] = k
+            cache.v[:, :, at] = v
             k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
         x = x + self.to_out(self._attend(q, k, v, start, tables).transpose(1, 2).reshape(b, n, -1))
 
