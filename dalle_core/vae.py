@@ -104,13 +104,23 @@ class DiscreteVAE(ImageTokenizer):
     def decode_grid(self, codes: Tensor) -> Tensor:
         return self._decode_embeds(self.codebook(codes).permute(0, 3, 1, 2))
 
-    def compute_loss(self, images: Tensor, temp: float | None = None) -> VAELoss:
-        """One gumbel-softmax pass returning total, reconstruction and KL-to-uniform losses."""
-        logits = self.logits(images)
-        temp = self.config.temperature if temp is None else temp
-        soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=self.config.straight_through)
-        sampled = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.codebook.weight)
-        recons = self._decode_embeds(sampled)
+    def compute_loss(self, images: Tensor, temp: float | None = None, argmax_codes: bool = False) -> VAELoss:
+        """One training pass returning total, reconstruction and KL-to-uniform losses.
+
+        By default the decoder sees gumbel-softmax mixtures of codebook vectors at ``temp``. With
+        ``argmax_codes`` it sees the argmax codes of a frozen encoder (no gradient reaches it), which is the path
+        ``decode(encode(x))`` takes after training: a last phase on it trains the decoder and codebook for the
+        codes they will actually be given instead of noisy mixtures of them."""
+        if argmax_codes:
+            with torch.no_grad():
+                logits = self.logits(images)
+            mixed = self.codebook(logits.argmax(dim=1)).permute(0, 3, 1, 2)
+        else:
+            logits = self.logits(images)
+            temp = self.config.temperature if temp is None else temp
+            soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=self.config.straight_through)
+            mixed = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.codebook.weight)
+        recons = self._decode_embeds(mixed)
         loss_fn = F.smooth_l1_loss if self.config.smooth_l1_loss else F.mse_loss
         recon_loss = loss_fn(recons * 2 - 1, images * 2 - 1)  # measured in [-1, 1], as the reference does
         # KL(q || uniform), summed over cells and codes, averaged over the batch ("batchmean").

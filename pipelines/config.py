@@ -137,12 +137,18 @@ class TrainVAEConfig(TrainerConfig):
     sample_every: int = bound(100, ge=1)  # reconstruction PNG grid (originals over reconstructions)
     temperature_min: float = bound(0.5, gt=0)
     anneal_rate: float = bound(1e-3, ge=0)  # 0 keeps vae.temperature
+    # The last N of max_steps train the decoder and codebook on the frozen encoder's argmax codes, the codes
+    # decode(encode(x)) gives them after training, instead of gumbel-softmax mixtures of codes
+    decoder_finetune_steps: int = bound(0, ge=0)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, weight_decay=0.0, warmup_steps=20,
                                                                     grad_clip=0.0))
 
     def check(self, name: str) -> None:
         check(self.precision != "fp16", f"{name}.precision",
               f"must be fp32 or bf16 (or auto), got {self.precision!r}")
+        check(self.decoder_finetune_steps < self.max_steps, f"{name}.decoder_finetune_steps",
+              f"must be less than max_steps ({self.max_steps}): the encoder has to learn its codes first, "
+              f"got {self.decoder_finetune_steps}")
         super().check(name)
 
 

@@ -34,6 +34,8 @@ def test_overrides_are_dotted_and_validated():
         ({"train": {"zero_stage": 4}}, r"train\.zero_stage: must be one of \(0, 1, 2, 3\), got 4"),
         ({"train": {"precision": "fp8"}}, r"train\.precision: must be one of"),
         ({"train_vae": {"precision": "fp16"}}, r"train_vae\.precision: must be fp32 or bf16"),
+        ({"train_vae": {"max_steps": 100, "decoder_finetune_steps": 100}},
+         r"train_vae\.decoder_finetune_steps: must be less than max_steps \(100\)"),
         ({"train": {"batch_size": "32"}}, r"train\.batch_size: must be an integer"),
         ({"train": {"optim": {"lr": -1}}}, r"train\.optim\.lr: must be > 0"),
         ({"dalle": {"attn_types": "full"}}, r"dalle\.attn_types: must be a list"),

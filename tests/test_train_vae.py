@@ -32,6 +32,7 @@ CONFIG = {
             "kl_div_loss_weight": 0.001, "temperature": 1.0},
     "train_vae": {"num_workers": 2, "batch_size": 8, "max_steps": 8, "log_every": 2, "sample_every": 4,
                   "checkpoint_every": 4, "anneal_rate": 0.05, "temperature_min": 0.6, "max_failures": 0,
+                  "decoder_finetune_steps": 4,
                   "optim": {"lr": 3.0e-3, "warmup_steps": 1, "weight_decay": 0.0, "grad_clip": 1.0}},
 }
 
@@ -76,6 +77,10 @@ def test_train_vae_ddp_samples_checkpoint_and_resume(cluster, workspace):
     assert grid.size == (8 * 16, 2 * 16)  # originals over reconstructions
     model, extra = load_model_with_extra(str(workspace / "vae.pt"))
     assert isinstance(model, DiscreteVAE) and extra["step"] == 8 and model.config.num_tokens == 32
+    # Steps 5-8 trained only the decoder and codebook (on the argmax codes), under DDP with two ranks.
+    at_4 = load_model_with_extra(str(run / "checkpoint_step_00000004" / "model.safetensors"))[0].state_dict()
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, at_4[key]) == key.startswith("encoder."), key
 
     assert run_job(workspace, "--max-steps", "12") == 0  # same run name: continues from step 8
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]

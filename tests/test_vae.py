@@ -215,3 +215,21 @@ def test_loss_pass_reports_the_codes_get_codebook_indices_gives() -> None:
     model = DiscreteVAE(tiny_config())
     images = torch.rand(3, 3, 16, 16)
     assert torch.equal(model.compute_loss(images).codes, model.get_codebook_indices(images))
+
+
+def test_argmax_code_pass_trains_the_decoder_on_what_decode_encode_gives() -> None:
+    """The last training phase: the decoder sees the codes inference gives it, and the encoder learns nothing."""
+    torch.manual_seed(0)
+    model = DiscreteVAE(tiny_config(num_resnet_blocks=1))
+    images = torch.rand(3, 3, 16, 16)
+    parts = model.compute_loss(images, argmax_codes=True)
+    expected = model.decode(model.get_codebook_indices(images))
+    torch.testing.assert_close(parts.recons.clamp(0, 1), expected, rtol=0, atol=1e-6)
+    parts.loss.backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.decoder.parameters())
+    used = parts.codes.unique()
+    assert model.codebook.weight.grad[used].abs().sum(dim=1).min() > 0  # the codes it was given learn
+    model.zero_grad()
+    model.compute_loss(images).loss.backward()  # the gumbel pass still trains the encoder
+    assert all(p.grad is not None for p in model.encoder.parameters())

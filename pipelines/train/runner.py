@@ -294,11 +294,15 @@ class DDPTask:
     (``module`` itself, or a wrapper routing the loss through ``forward``) is what DDP runs."""
 
     def __init__(self, module: torch.nn.Module, wrapped: torch.nn.Module, section: TrainerConfig,
-                 worker: WorkerContext, init: dict[str, torch.Tensor] | None) -> None:
+                 worker: WorkerContext, init: dict[str, torch.Tensor] | None,
+                 find_unused_parameters: bool = False) -> None:
         self.module, self.section, self.worker = module, section, worker
         if init is not None:  # before DDP and the optimiser take the parameters
             module.load_state_dict(init)
-        self.ddp = ray.train.torch.prepare_model(wrapped)  # DDP when world > 1; moved to the worker's device
+        # DDP when world > 1; moved to the worker's device. A task whose steps leave some parameters out of the
+        # graph asks DDP to look for them each step (their gradients then stay None, so AdamW leaves them be).
+        self.ddp = ray.train.torch.prepare_model(
+            wrapped, parallel_strategy_kwargs={"find_unused_parameters": True} if find_unused_parameters else None)
         self.optimizer = make_optimizer(self.ddp, section.optim)
         self.scheduler = make_scheduler(self.optimizer, section.optim, section.max_steps)
 

@@ -1,7 +1,8 @@
 """Stage one: the DiscreteVAE with DDP over raw shards (img2dataset layout), trained by the runner.
 
-What is particular to the dVAE: decoding pictures in Ray Data, the annealed Gumbel temperature, codebook usage
-in the metrics and reconstruction grids every ``sample_every`` steps. Pictures that fail to decode stay in the
+What is particular to the dVAE: decoding pictures in Ray Data, the annealed Gumbel temperature, a last phase of
+``decoder_finetune_steps`` that trains the decoder on the frozen encoder's argmax codes, codebook usage in the
+metrics and reconstruction grids every ``sample_every`` steps. Pictures that fail to decode stay in the
 stream flagged ``ok=False`` so every rank keeps the same number of batches (DDP steps in lockstep); a step
 replaces them with the batch's good pictures and counts them in the ``rejected`` metric, so bad input is visible
 and never crashes the run.
@@ -49,8 +50,8 @@ class LossParts(torch.nn.Module):
         super().__init__()
         self.vae = vae
 
-    def forward(self, images: torch.Tensor, temp: float) -> tuple[torch.Tensor, ...]:
-        parts = self.vae.compute_loss(images, temp)
+    def forward(self, images: torch.Tensor, temp: float, argmax_codes: bool) -> tuple[torch.Tensor, ...]:
+        parts = self.vae.compute_loss(images, temp, argmax_codes)
         return parts.loss, parts.recon_loss, parts.kl_div, parts.codes
 
 
@@ -72,7 +73,8 @@ class VAETask(DDPTask):
     def __init__(self, config: Config, worker: WorkerContext, run_dir: str, init: dict[str, torch.Tensor] | None
                  ) -> None:
         self.vae = DiscreteVAE(config.vae)
-        super().__init__(self.vae, LossParts(self.vae), config.train_vae, worker, init)
+        super().__init__(self.vae, LossParts(self.vae), config.train_vae, worker, init,
+                         find_unused_parameters=config.train_vae.decoder_finetune_steps > 0)  # the frozen encoder
         self.config, self.run_dir = config, run_dir
         self.codes_seen: list[torch.Tensor] = []
         self.images: torch.Tensor | None = None
@@ -82,8 +84,9 @@ class VAETask(DDPTask):
         self.images, weight = _good_rows(batch["pixels"], batch["ok"], self.worker.device)
         self.temperature = annealed_temperature(progress.step, self.config.vae.temperature, self.section.anneal_rate,
                                                 self.section.temperature_min)
+        argmax_codes = progress.step >= self.section.max_steps - self.section.decoder_finetune_steps
         with self.worker.autocast():
-            loss, recon_loss, kl_div, codes = self.ddp(self.images, self.temperature)
+            loss, recon_loss, kl_div, codes = self.ddp(self.images, self.temperature, argmax_codes)
         self.optimizer_step(loss * weight)
         if self.worker.rank == 0:
             self.codes_seen.append(codes.cpu())
