@@ -171,7 +171,7 @@ def test_vae_and_clip_init_from_refusals(tmp_path, monkeypatch, capsys):
 
 def test_ddp_task_loads_the_init_weights_before_the_optimizer(tmp_path, monkeypatch):
     """The dVAE (and CLIP, through the same DDPTask) starts from ``init``; the optimiser holds those tensors."""
-    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda module: module)  # no Train session here
+    monkeypatch.setattr(ray.train.torch, "prepare_model", lambda module, **_: module)  # no Train session here
     config = Config.load(None, {"vae.hidden_dim": 16, "vae.codebook_dim": 16})
     torch.manual_seed(1)
     init = DiscreteVAE(config.vae).state_dict()
