@@ -14,6 +14,7 @@ Images enter and leave in [0, 1]; internally they live in [-1, 1].
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import NamedTuple
 
@@ -111,16 +112,15 @@ class DiscreteVAE(ImageTokenizer):
         ``argmax_codes`` it sees the argmax codes of a frozen encoder (no gradient reaches it), which is the path
         ``decode(encode(x))`` takes after training: a last phase on it trains the decoder and codebook for the
         codes they will actually be given instead of noisy mixtures of them."""
-        if argmax_codes:
-            with torch.no_grad():
-                logits = self.logits(images)
-            mixed = self.codebook(logits.argmax(dim=1)).permute(0, 3, 1, 2)
-        else:
+        with torch.no_grad() if argmax_codes else contextlib.nullcontext():
             logits = self.logits(images)
+        codes = logits.detach().argmax(dim=1)
+        if argmax_codes:
+            recons = self.decode_grid(codes)
+        else:
             temp = self.config.temperature if temp is None else temp
             soft_one_hot = F.gumbel_softmax(logits, tau=temp, dim=1, hard=self.config.straight_through)
-            mixed = torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.codebook.weight)
-        recons = self._decode_embeds(mixed)
+            recons = self._decode_embeds(torch.einsum("bnhw,nd->bdhw", soft_one_hot, self.codebook.weight))
         loss_fn = F.smooth_l1_loss if self.config.smooth_l1_loss else F.mse_loss
         recon_loss = loss_fn(recons * 2 - 1, images * 2 - 1)  # measured in [-1, 1], as the reference does
         # KL(q || uniform), summed over cells and codes, averaged over the batch ("batchmean").
@@ -131,7 +131,7 @@ class DiscreteVAE(ImageTokenizer):
         diversity = math.log(self.num_tokens) + (mean_q * mean_q.clamp_min(1e-12).log()).sum()
         cfg = self.config
         loss = recon_loss + cfg.kl_div_loss_weight * kl_div + cfg.diversity_loss_weight * diversity
-        return VAELoss(loss, recon_loss, kl_div, diversity, recons, logits.detach().argmax(dim=1).flatten(1))
+        return VAELoss(loss, recon_loss, kl_div, diversity, recons, codes.flatten(1))
 
     def forward(self, images: Tensor, return_loss: bool = False, return_recons: bool = False,
                 temp: float | None = None) -> Tensor | tuple[Tensor, Tensor]:

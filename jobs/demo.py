@@ -30,6 +30,7 @@ from pipelines.serve.report import format_metrics
 
 JOBS = Path(__file__).resolve().parent
 SEEDED = ("synthetic", "train_vae", "train", "train_clip", "sampling")  # the config sections with a seed field
+STAGES = ("data", "tokenizer", "dvae", "pretokenize", "dalle", "clip", "evaluate")  # the chain, in order
 
 
 def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[str]]]:
@@ -39,16 +40,9 @@ def stages(args: argparse.Namespace, config_path: str) -> list[tuple[str, list[s
         data = ["ingest.py", *cfg, "--source", args.source, "--input", args.input]
     else:
         data = ["make_synthetic.py", *cfg]
-    chain = [
-        ("data", data),
-        ("tokenizer", ["train_tokenizer.py", *cfg]),
-        ("dvae", ["train_vae.py", *cfg]),
-        ("pretokenize", ["pretokenize.py", *cfg]),
-        ("dalle", ["train.py", *cfg]),
-        ("clip", ["train_clip.py", *cfg]),
-        ("evaluate", ["evaluate.py", *cfg]),
-    ]
-    return [(name, [sys.executable, str(JOBS / cmd[0]), *cmd[1:]]) for name, cmd in chain]
+    scripts = [data, ["train_tokenizer.py", *cfg], ["train_vae.py", *cfg], ["pretokenize.py", *cfg],
+               ["train.py", *cfg], ["train_clip.py", *cfg], ["evaluate.py", *cfg]]
+    return [(name, [sys.executable, str(JOBS / cmd[0]), *cmd[1:]]) for name, cmd in zip(STAGES, scripts, strict=True)]
 
 
 @job_entry("demo")
@@ -59,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", help="real data instead of the synthetic set (URL list, folder or tars)")
     parser.add_argument("--seed", type=int, help="one seed for every stage that draws randomness: the synthetic "
                         "set, the three trainers and sampling (" + ", ".join(SEEDED) + ")")
-    parser.add_argument("--from-stage", help="skip the stages before this one (their outputs must exist)")
+    parser.add_argument("--from-stage", choices=STAGES,
+                        help="skip the stages before this one (their outputs must exist)")
     parser.add_argument("--num-cpus", type=int, default=LOCAL_MIN_CPUS,
                         help="logical CPUs of the local Ray (more than cores, so Train workers leave room for "
                              "Ray Data)")
@@ -76,13 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path = str(workdir / "config.yaml")
     Path(config_path).write_text(yaml.safe_dump(data, sort_keys=False))
     chain = stages(args, config_path)
-    names = [name for name, _ in chain]
     if args.from_stage:
-        if args.from_stage not in names:
-            shutil.rmtree(workdir)
-            print(f"demo: --from-stage must be one of {names}", file=sys.stderr)
-            return 2
-        chain = chain[names.index(args.from_stage):]
+        chain = chain[STAGES.index(args.from_stage):]
 
     env = dict(os.environ, DS_ACCELERATOR=os.environ.get("DS_ACCELERATOR", "cpu"), NO_ALBUMENTATIONS_UPDATE="1")
     address = args.address or os.environ.get("RAY_ADDRESS")
