@@ -5,10 +5,10 @@
 Per pattern: training tokens/s (forward, backward, AdamW) of ours and of DALLE-pytorch 1.6.6 in this process
 (``make bench`` installs it), alternating, best of several rounds, then ours compiled (``train.compile``); the
 share of the matmul peak measured here at the model's own matmul shapes; cached image tokens/s at batch 1, 8
-and 32, plain and guided, with our weights in the sampler's dtype (the reference under autocast: it has no such
-setting); and the peak memory one training step takes with and without activation checkpointing (each in a
-fresh process, so the high-water mark is its own). Everything runs in the dtype this machine computes natively
-(``precision: auto``).
+and 32, plain and guided, eager and through the compiled step (``sampling.compile``), with our weights in the
+sampler's dtype (the reference under autocast: it has no such setting); and the peak memory one training step
+takes with and without activation checkpointing (each in a fresh process, so the high-water mark is its own).
+Everything runs in the dtype this machine computes natively (``precision: auto``).
 """
 
 from __future__ import annotations
@@ -104,7 +104,7 @@ def main() -> None:
     parser.add_argument("--gen-batches", type=int, nargs="+", default=[1, 8, 32])
     parser.add_argument("--memory-batch", type=int, default=8, help="sequences in the memory probe's step")
     parser.add_argument("--no-compile", dest="compile", action="store_false",
-                        help="skip the torch.compile training figures (about 25 s of compiling per pattern)")
+                        help="skip the torch.compile figures of training and sampling (about 25 s of compiling each)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
     parser.add_argument("--memory-probe", type=int, choices=(0, 1), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help="also write the JSON here")
@@ -155,19 +155,31 @@ def main() -> None:
         gen: dict = {}
         image_tokens = SHAPE["image_fmap_size"] ** 2
         ours = ours.to(dtype)  # as the sampler runs it (sampling.precision): weights, and so the KV cache, in dtype
+        step = None
+        if args.compile:  # as `sampling.compile` runs it: one graph for 1 row, one for more; the first pass compiles
+            step = ours.compiled_sampling_step()
+            gen["compiled_first_pass_s"] = {f"batch_{b}": generation_seconds(ours, captions(b)[0], 1.0, dtype,
+                                                                             step=step) for b in (1, 2)}
         for batch in args.gen_batches:
             print(f"[generate] {kind} batch {batch}", file=sys.stderr, flush=True)
             text = captions(batch)[0]
             plain, guided = (generation_seconds(ours, text, scale, dtype) for scale in (1.0, 3.0))
-            gen[f"batch_{batch}"] = {"image_tokens_per_s": batch * image_tokens / plain,
-                                     "guided_image_tokens_per_s": batch * image_tokens / guided,
-                                     "guidance_cost": guided / plain}
+            entry = gen[f"batch_{batch}"] = {"image_tokens_per_s": batch * image_tokens / plain,
+                                             "guided_image_tokens_per_s": batch * image_tokens / guided,
+                                             "guidance_cost": guided / plain}
+            if step is not None:
+                plain, guided = (generation_seconds(ours, text, scale, dtype, step=step) for scale in (1.0, 3.0))
+                entry.update(compiled_image_tokens_per_s=batch * image_tokens / plain,
+                             compiled_guided_image_tokens_per_s=batch * image_tokens / guided,
+                             compiled_guidance_cost=guided / plain)
         if peer is not None:
             text = captions(1)[0]
             peer_guided = peer_generation_seconds(peer, text, 3.0, dtype)
-            ours_guided = generation_seconds(ours, text, 3.0, dtype)
             gen["reference_batch_1_guided_image_tokens_per_s"] = image_tokens / peer_guided
-            gen["guided_speedup_vs_reference"] = peer_guided / ours_guided
+            gen["guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype)
+            if step is not None:
+                gen["compiled_guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype,
+                                                                                               step=step)
         report["generate"][kind] = gen
         print(json.dumps({kind: {"train": entry, "generate": gen}}), file=sys.stderr, flush=True)
 

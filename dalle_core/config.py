@@ -228,6 +228,7 @@ class SamplingConfig(Section):
     top_images: int = 2
     seed: int = 0
     precision: str = bound("auto", choices=PRECISIONS)  # of the DALLE weights and KV cache; fp16 on CUDA only
+    compile: bool = False  # torch.compile the one-token step: faster steps after a compile on the first pass
 
     def check(self, name: str) -> None:
         check(1 <= self.top_images <= self.num_candidates, f"{name}.top_images",

@@ -18,6 +18,7 @@ mask``) hands the pattern's rows of the matrix to SDPA, the reference the tests 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,18 +190,22 @@ class Block(nn.Module):
         self.ff_out = nn.Linear(cfg.ff_mult * cfg.dim, cfg.dim)
         self.ff_dropout = nn.Dropout(cfg.ff_dropout)
 
-    def _shift(self, x: Tensor, hist: Tensor, offsets: Tensor) -> Tensor:
-        """Replaces the first two feature quarters of ``x [B, n, d]`` by those of earlier tokens; ``hist``
-        holds the ``W`` normalised inputs before ``x`` and ``offsets [2, n]`` the look-back distances."""
-        window = hist.shape[1]
-        buf = torch.cat([hist, x], dim=1)
+    def _shift(self, x: Tensor, hist: Tensor | None, offsets: Tensor, window: int) -> Tensor:
+        """Replaces the first two feature quarters of ``x [B, n, d]`` by those of earlier tokens; ``offsets
+        [2, n]`` are the look-back distances. ``hist`` (a cache's) holds the ``window`` normalised inputs before
+        ``x`` and is moved on in place to end with ``x`` (the same tensor every step, for a compiled step)."""
+        cached = hist is not None
+        buf = torch.cat([hist if cached else x.new_zeros(x.shape[0], window, x.shape[-1]), x], dim=1)
         q = x.shape[-1] // 4
         here = torch.arange(x.shape[1], device=x.device) + window
         parts = []
         for i in range(2):
             taken = buf[:, here - offsets[i], i * q:(i + 1) * q]
             parts.append(taken * (offsets[i] > 0)[None, :, None].to(x.dtype))
-        return torch.cat([*parts, x[..., 2 * q:]], dim=-1)
+        out = torch.cat([*parts, x[..., 2 * q:]], dim=-1)
+        if cached:
+            hist.copy_(buf[:, -window:])
+        return out
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, tables: dict[str, Any]) -> Tensor:
         """Attention of queries at positions ``start ..`` over keys ``0 .. start + n - 1`` under this layer's
@@ -209,7 +214,7 @@ class Block(nn.Module):
         dropout = self.attn_dropout if self.training else 0.0
         kind = self.attn_type
         if kind == "full":  # from 0: causal; a cached step: every stored key is in the past
-            return F.scaled_dot_product_attention(q, k, v, is_causal=start == 0 and n > 1, dropout_p=dropout)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=n > 1 and start == 0, dropout_p=dropout)
         if tables["structured"] and start == 0 and n == tables[kind].shape[0]:
             text_len, fmap, kernel_size = tables["grid"]
             return sparse_attention(kind, q, k, v, text_len, fmap, kernel_size, dropout)
@@ -226,10 +231,7 @@ class Block(nn.Module):
         at = slice(start, start + n)
         h = self.norm1(x)
         if self.shift:
-            hist = cache.attn_hist if cache is not None else h.new_zeros(b, tables["window"], h.shape[-1])
-            if cache is not None:
-                cache.attn_hist = torch.cat([hist, h], dim=1)[:, -hist.shape[1]:]
-            h = self._shift(h, hist, tables["shift"][:, at])
+            h = self._shift(h, None if cache is None else cache.attn_hist, tables["shift"][:, at], tables["window"])
         q, k, v = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if "cos" in tables:
             cos, sin = tables["cos"][at].to(q.dtype), tables["sin"][at].to(q.dtype)  # bf16/fp16 engines
@@ -242,10 +244,7 @@ class Block(nn.Module):
 
         h = self.norm2(x)
         if self.shift:
-            hist = cache.ff_hist if cache is not None else h.new_zeros(b, tables["window"], h.shape[-1])
-            if cache is not None:
-                cache.ff_hist = torch.cat([hist, h], dim=1)[:, -hist.shape[1]:]
-            h = self._shift(h, hist, tables["shift"][:, at])
+            h = self._shift(h, None if cache is None else cache.ff_hist, tables["shift"][:, at], tables["window"])
         a, gate = self.ff_in(h).chunk(2, dim=-1)
         return x + self.ff_out(self.ff_dropout(a * F.gelu(gate)))
 
@@ -423,10 +422,12 @@ class DALLE(nn.Module):
     # -- generation -----------------------------------------------------------------------------------------
 
     def new_cache(self, batch: int) -> list[LayerCache]:
-        """Empty per-layer caches for ``batch`` rows, preallocated to the full sequence length."""
+        """Empty per-layer caches for ``batch`` rows, preallocated to the full sequence length and one spare slot:
+        the keys read at the last position are then a slice like every other step's, not the whole (contiguous)
+        tensor, which a compiled step would be recompiled for."""
         cfg = self.config
         p = next(self.parameters())
-        shape = (batch, cfg.heads, self.seq_len, cfg.dim_head)
+        shape = (batch, cfg.heads, self.seq_len + 1, cfg.dim_head)
         window = (batch, cfg.image_fmap_size, cfg.dim)
         return [
             LayerCache(p.new_zeros(shape), p.new_zeros(shape), p.new_zeros(window), p.new_zeros(window))
@@ -437,27 +438,52 @@ class DALLE(nn.Module):
         """Logits (codebook or text vocabulary) for the token after ``ids``; with caches, only positions from
         ``done`` on are computed."""
         if caches is None:
-            h = self._hidden(ids)[:, -1]
-        else:
-            h = self._hidden(ids[:, done:], done, caches)[:, -1]
-        head = self.to_image_logits if image else self.to_text_logits
-        return head(h).float()
+            return self._head(self._hidden(ids)[:, -1], image)
+        return self.cached_step(ids[:, done:], done, caches, image)
+
+    def _head(self, h: Tensor, image: bool) -> Tensor:
+        return (self.to_image_logits if image else self.to_text_logits)(h).float()
+
+    def cached_step(self, ids: Tensor, start: int, caches: list[LayerCache], image: bool) -> Tensor:
+        """Runs tokens ``ids [B, n]`` at positions ``start ..`` through the caches (filling them) and returns
+        fp32 logits for the token after the last one."""
+        return self._head(self._hidden(ids, start, caches)[:, -1], image)
+
+    def compiled_sampling_step(self) -> Callable[[Tensor, int, list[LayerCache], bool], Tensor]:
+        """:meth:`cached_step` compiled for one-token steps at any position and batch (``dynamic=True``: one
+        graph, not one per position) with the weights frozen into it, so inductor fuses the small ops and
+        prepacks the weights for the CPU's matmul kernels. Only for a model whose weights stay as they are
+        (an inference copy): a later change to them does not reach the compiled step."""
+        compiled = torch.compile(self.cached_step, dynamic=True)
+
+        def step(ids: Tensor, start: int, caches: list[LayerCache], image: bool) -> Tensor:
+            # TorchDynamo reads inductor's freezing flag as it traces (``options=`` reaches inductor only after
+            # that, and froze nothing), so the flag is set around each call, not for the process: there it would
+            # freeze the graphs of a model being trained too.
+            with torch._inductor.config.patch(freezing=True):
+                return compiled(ids, start, caches, image)
+
+        return step
 
     @torch.no_grad()
     def _sample_stream(
         self, prefix: Tensor, steps: int, image: bool, *, temperature: float, top_k: float,
-        cond_scale: float, use_cache: bool, generator: torch.Generator | None,
+        cond_scale: float, use_cache: bool, generator: torch.Generator | None, step: Callable | None = None,
     ) -> Tensor:
         """Extends ``prefix [B or 2B, n]`` by ``steps`` image codes (or text ids). With guidance, the second
         half of the rows is the null-caption copy of the first; both halves run in the same batched pass and
-        each keeps its own cache rows, and the same sampled token is appended to both."""
+        each keeps its own cache rows, and the same sampled token is appended to both. ``step`` stands in for
+        :meth:`cached_step` after the prefix has filled the caches (see :meth:`compiled_sampling_step`)."""
         was_training = self.training
         self.eval()
         guided = cond_scale != 1.0
         caches = self.new_cache(prefix.shape[0]) if use_cache else None
         ids, done = prefix, 0
-        for _ in range(steps):
-            logits = self._next_logits(ids, caches, done, image)
+        for i in range(steps):
+            if step is not None and i > 0:
+                logits = step(ids[:, done:], done, caches, image)
+            else:
+                logits = self._next_logits(ids, caches, done, image)
             done = ids.shape[1]
             if guided:
                 cond, null = logits.chunk(2)
@@ -473,13 +499,17 @@ class DALLE(nn.Module):
     def generate_image_codes(
         self, text: Tensor, *, temperature: float = 1.0, top_k: float = 0.9, cond_scale: float = 1.0,
         prime_codes: Tensor | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+        step: Callable | None = None,
     ) -> Tensor:
         """Samples ``[B, image_seq_len]`` image codes for captions ``text [B, text_seq_len]`` (0 = pad).
 
         ``top_k`` below 1 keeps that fraction of the codebook, from 1 up keeps that many codes.
         ``cond_scale != 1`` applies classifier-free guidance against a null caption in one batched pass.
-        ``prime_codes [B, P]`` fixes the first ``P`` codes (image priming). Inputs are never modified.
+        ``prime_codes [B, P]`` fixes the first ``P`` codes (image priming). ``step`` replaces the cached
+        one-token step (a :meth:`compiled_sampling_step`). Inputs are never modified.
         """
+        if step is not None and not use_cache:
+            raise ValueError("a sampling step needs use_cache=True")
         cfg = self.config
         prefix = self.text_tokens(text)
         if prime_codes is not None:
@@ -491,8 +521,8 @@ class DALLE(nn.Module):
             null_prefix = torch.cat([null_text, prefix[:, self.text_len:]], dim=1)
             prefix = torch.cat([prefix, null_prefix])
         steps = self.text_len + cfg.image_seq_len - prefix.shape[1]
-        ids = self._sample_stream(prefix, steps, True, temperature=temperature, top_k=top_k,
-                                  cond_scale=cond_scale, use_cache=use_cache, generator=generator)
+        ids = self._sample_stream(prefix, steps, True, temperature=temperature, top_k=top_k, cond_scale=cond_scale,
+                                  use_cache=use_cache, generator=generator, step=step)
         return ids[:, self.text_len:]
 
     @torch.no_grad()

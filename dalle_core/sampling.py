@@ -88,10 +88,12 @@ class ImageGenerator:
 
     ``precision`` (``sampling.precision``) sets the DALLE's weights and so its KV cache: ``auto`` is bf16 where
     the device computes it natively, else fp32. Logits are sampled in fp32 whatever it is, and the dVAE decoder
-    stays fp32 (a few percent of the time; its colours are what the checker reads)."""
+    stays fp32 (a few percent of the time; its colours are what the checker reads). ``compile_step``
+    (``sampling.compile``) samples through :meth:`DALLE.compiled_sampling_step`: it compiles on the first pass of
+    each batch shape class (one row, or more) and then runs each step faster."""
 
     def __init__(self, dalle: torch.nn.Module, vae: torch.nn.Module, device: str | torch.device = "cpu",
-                 precision: str = "auto") -> None:
+                 precision: str = "auto", compile_step: bool = False) -> None:
         d, v = dalle.config, vae.config
         checks = [("dalle.num_image_tokens", d.num_image_tokens, "vae.num_tokens", v.num_tokens),
                   ("dalle.image_seq_len", d.image_seq_len, "vae.image_seq_len", v.image_seq_len)]
@@ -104,6 +106,7 @@ class ImageGenerator:
             raise ValueError(f"sampling.precision: fp16 needs a CUDA device, got {self.device.type} "
                              "(use auto, bf16 or fp32)")
         self.dalle = dalle.to(self.device, DTYPES[self.precision]).eval()
+        self.step = self.dalle.compiled_sampling_step() if compile_step else None
         self.vae = vae.to(self.device).eval()
         self.text_seq_len = d.text_seq_len
 
@@ -125,7 +128,7 @@ class ImageGenerator:
         generator = torch.Generator(self.device).manual_seed(seed)
         codes = self.dalle.generate_image_codes(rows, temperature=sampling.temperature, top_k=sampling.top_k,
                                                 cond_scale=sampling.cond_scale, use_cache=True,
-                                                generator=generator)
+                                                generator=generator, step=self.step)
         images = self.vae.decode(codes)
         return images.view(text_ids.shape[0], num_candidates, *images.shape[1:])
 
@@ -148,12 +151,12 @@ def rank_order(scores: Tensor) -> Tensor:
 
 
 def load_generator(checkpoint: str, vae_path: str, device: str | torch.device = "cpu",
-                   precision: str = "auto") -> ImageGenerator:
+                   precision: str = "auto", compile_step: bool = False) -> ImageGenerator:
     """Loads the self-describing DALLE and dVAE checkpoints (local or fsspec URLs) into an ImageGenerator."""
     from dalle_core.checkpoint import load_model
 
     return ImageGenerator(load_model(checkpoint, map_location=device), load_model(vae_path, map_location=device),
-                          device, precision)
+                          device, precision, compile_step)
 
 
 @dataclass

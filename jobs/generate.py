@@ -40,16 +40,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cond-scale", type=float)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--precision", choices=PRECISIONS, help="sampling.precision (auto: bf16 where native)")
+    parser.add_argument("--compile", action="store_true", default=None,
+                        help="sampling.compile: compile the sampling step (pays over many prompts, not one)")
     args = parser.parse_args(argv)
 
     config = load_job_config(args.config, {
         "sampling.seed": args.seed, "sampling.temperature": args.temperature, "sampling.top_k": args.top_k,
         "sampling.cond_scale": args.cond_scale, "sampling.num_candidates": args.num_candidates,
-        "sampling.precision": args.precision,
+        "sampling.precision": args.precision, "sampling.compile": args.compile,
         # any n >= 1 is valid here; every candidate is written anyway
         "sampling.top_images": 1 if args.num_candidates is not None else None})
     models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
-    generator = load_generator(models.checkpoint, models.vae, args.device, config.sampling.precision)
+    generator = load_generator(models.checkpoint, models.vae, args.device, config.sampling.precision,
+                               config.sampling.compile)
     print(f"precision={generator.precision} ({generator.precision_reason})", file=sys.stderr)
     # The checkpoint says how many text ids the model reads, whatever the config beside it says.
     tokenizer = BPETokenizer.load(models.tokenizer, generator.text_seq_len)

@@ -108,7 +108,8 @@ class Generator:
     def __init__(self, paths: ModelPaths, text_seq_len: int, sampling: SamplingConfig, max_batch_size: int,
                  batch_wait_timeout_s: float, num_gpus: float = 0.0) -> None:
         self.sampling = sampling
-        self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus), sampling.precision)
+        self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus), sampling.precision,
+                                    sampling.compile)
         print(f"[generator] precision={self.model.precision} ({self.model.precision_reason})", flush=True)
         self.tokenizer = BPETokenizer.load(paths.tokenizer, text_seq_len)
         self.model.check_tokenizer(self.tokenizer)
