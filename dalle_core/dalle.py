@@ -434,12 +434,13 @@ class DALLE(nn.Module):
             for _ in self.blocks
         ]
 
-    def _next_logits(self, ids: Tensor, caches: list[LayerCache] | None, done: int, image: bool) -> Tensor:
+    def _next_logits(self, ids: Tensor, caches: list[LayerCache] | None, done: int, image: bool,
+                     step: Callable | None = None) -> Tensor:
         """Logits (codebook or text vocabulary) for the token after ``ids``; with caches, only positions from
-        ``done`` on are computed."""
+        ``done`` on are computed, by ``step`` where given (else :meth:`cached_step`)."""
         if caches is None:
             return self._head(self._hidden(ids)[:, -1], image)
-        return self.cached_step(ids[:, done:], done, caches, image)
+        return (step or self.cached_step)(ids[:, done:], done, caches, image)
 
     def _head(self, h: Tensor, image: bool) -> Tensor:
         return (self.to_image_logits if image else self.to_text_logits)(h).float()
@@ -480,10 +481,7 @@ class DALLE(nn.Module):
         caches = self.new_cache(prefix.shape[0]) if use_cache else None
         ids, done = prefix, 0
         for i in range(steps):
-            if step is not None and i > 0:
-                logits = step(ids[:, done:], done, caches, image)
-            else:
-                logits = self._next_logits(ids, caches, done, image)
+            logits = self._next_logits(ids, caches, done, image, step if i > 0 else None)  # prefix: eager
             done = ids.shape[1]
             if guided:
                 cond, null = logits.chunk(2)
