@@ -458,10 +458,13 @@ class DALLE(nn.Module):
         compiled = torch.compile(self.cached_step, dynamic=True)
 
         def step(ids: Tensor, start: int, caches: list[LayerCache], image: bool) -> Tensor:
-            # TorchDynamo reads inductor's freezing flag as it traces (``options=`` reaches inductor only after
-            # that, and froze nothing), so the flag is set around each call, not for the process: there it would
-            # freeze the graphs of a model being trained too.
-            with torch._inductor.config.patch(freezing=True):
+            # Both flags are read as TorchDynamo traces, so they are set around each call, not for the process
+            # (there freezing would freeze the graphs of a model being trained too). Freezing: ``options=`` reaches
+            # inductor only after the trace, and froze nothing. Duck shaping gives equal sizes one symbol: a first
+            # batch of as many rows as heads (or dim_head, ...) was pinned when the heads were, and the next batch
+            # compiled a second graph.
+            with torch._inductor.config.patch(freezing=True), \
+                    torch.fx.experimental._config.patch(use_duck_shape=False):
                 return compiled(ids, start, caches, image)
 
         return step
