@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from model_timing import machine_info, write_report
+from model_timing import clock, machine_info, write_report
 
 from dalle_core.checkpoint import save_model
 from dalle_core.clip import CLIP
@@ -38,15 +38,11 @@ def sampling_rate(model: DALLE, batch: int, cond_scale: float, device: str, repe
     text = torch.randint(1, model.config.num_text_tokens, (batch, model.config.text_seq_len), device=device)
     times = []
     for i in range(repeats + 1):
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+        start = clock(text.device)
         model.generate_image_codes(text, cond_scale=cond_scale, top_k=0.9, use_cache=True,
                                    generator=torch.Generator(device).manual_seed(i))
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
         if i:
-            times.append(time.perf_counter() - start)
+            times.append(clock(text.device) - start)
     return batch * model.config.image_seq_len / statistics.median(times)
 
 
@@ -197,7 +193,7 @@ def main() -> None:
 
     config = Config.load(args.config)
     torch.manual_seed(0)
-    report: dict[str, Any] = {"device": args.device, "machine": machine_info(),
+    report: dict[str, Any] = {"device": args.device, "machine": machine_info(args.device),
                               "dalle": {"dim": config.dalle.dim, "depth": config.dalle.depth,
                                         "image_seq_len": config.dalle.image_seq_len}}
     report["sampling"] = bench_sampling(config, args.checkpoint, args.device, args.batches, args.repeats,

@@ -8,7 +8,8 @@ share of the matmul peak measured here at the model's own matmul shapes; cached 
 and 32, plain and guided, eager and through the compiled step (``sampling.compile``), with our weights in the
 sampler's dtype (the reference under autocast: it has no such setting); and the peak memory one training step
 takes with and without activation checkpointing (each in a fresh process, so the high-water mark is its own).
-Everything runs in the dtype this machine computes natively (``precision: auto``).
+Everything runs in the dtype this machine computes natively (``precision: auto``), on the CPU or, with
+``--device cuda``, on one GPU (there the memory figures are the allocator's peak, not the resident set).
 """
 
 from __future__ import annotations
@@ -17,11 +18,11 @@ import argparse
 import json
 import subprocess
 import sys
-import time
 
 import torch
 from model_timing import (
     checked_mfu,
+    clock,
     generation_seconds,
     import_peer,
     machine_info,
@@ -57,42 +58,49 @@ def peer_model(kind: str) -> torch.nn.Module | None:
                       dim_head=SHAPE["dim_head"], attn_types=(kind,), rotary_emb=True, shift_tokens=True)
 
 
-def captions(batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+def captions(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Random captions (a quarter of each padded) and image codes, the same for every model."""
     g = torch.Generator().manual_seed(0)
     text = torch.randint(1, SHAPE["num_text_tokens"], (batch, SHAPE["text_seq_len"]), generator=g)
     text[:, SHAPE["text_seq_len"] * 3 // 4:] = 0
     codes = torch.randint(0, SHAPE["num_image_tokens"], (batch, SHAPE["image_fmap_size"] ** 2), generator=g)
-    return text, codes
+    return text.to(device), codes.to(device)
 
 
-def attention_seconds(kind: str, dtype: torch.dtype, sparse_path: str, repeats: int = 5) -> float:
+def attention_seconds(kind: str, dtype: torch.dtype, device: torch.device, sparse_path: str,
+                      repeats: int = 5) -> float:
     """Median seconds of one layer's attention, forward and backward, at the paper shape: what a pattern saves
     where attention is the cost (deep, wide models), apart from the matmuls around it."""
-    model = our_model(kind, sparse_attention=sparse_path)
+    model = our_model(kind, sparse_attention=sparse_path).to(device)
     block, tables = model.blocks[0], model._tables()
-    q, k, v = (torch.randn(1, SHAPE["heads"], model.seq_len, SHAPE["dim_head"], dtype=dtype, requires_grad=True)
-               for _ in range(3))
+    q, k, v = (torch.randn(1, SHAPE["heads"], model.seq_len, SHAPE["dim_head"], dtype=dtype, device=device,
+                           requires_grad=True) for _ in range(3))
     times = []
     for _ in range(repeats + 1):
-        start = time.perf_counter()
+        start = clock(device)
         block._attend(q, k, v, 0, tables).sum().backward()
-        times.append(time.perf_counter() - start)
+        times.append(clock(device) - start)
     return sorted(times[1:])[repeats // 2]
 
 
-def memory_probe(checkpointing: bool, dtype: torch.dtype, batch: int) -> dict:
-    """Peak RSS of one training step at the paper shape, run in this (fresh) process."""
-    model = our_model("full", activation_checkpointing=checkpointing)
-    data = captions(batch)
-    before = peak_memory_bytes()
+def memory_probe(checkpointing: bool, dtype: torch.dtype, device: torch.device, batch: int) -> dict:
+    """Peak memory of one training step at the paper shape, run in this (fresh) process: the resident set's
+    high-water mark on a CPU, the allocator's peak on a GPU."""
+    model = our_model("full", activation_checkpointing=checkpointing).to(device)
+    data = captions(batch, device)
+    before = peak_memory_bytes(device)
     train_step_seconds(model, False, dtype, steps=1, data=data, warmup=0)
-    return {"peak_rss_bytes": peak_memory_bytes(), "rss_before_step_bytes": before}
+    what = memory_measure(device)
+    return {f"peak_{what}_bytes": peak_memory_bytes(device), f"{what}_before_step_bytes": before}
 
 
-def probe_in_subprocess(checkpointing: bool, precision: str, batch: int) -> dict:
+def memory_measure(device: torch.device) -> str:
+    return "allocated" if device.type == "cuda" else "rss"
+
+
+def probe_in_subprocess(checkpointing: bool, precision: str, device: torch.device, batch: int) -> dict:
     cmd = [sys.executable, __file__, "--memory-probe", str(int(checkpointing)), "--precision", precision,
-           "--memory-batch", str(batch)]
+           "--device", device.type, "--memory-batch", str(batch)]
     return json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
 
 
@@ -106,24 +114,27 @@ def main() -> None:
     parser.add_argument("--no-compile", dest="compile", action="store_false",
                         help="skip the torch.compile figures of training and sampling (about 25 s of compiling each)")
     parser.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"))
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
     parser.add_argument("--memory-probe", type=int, choices=(0, 1), default=None, help=argparse.SUPPRESS)
     parser.add_argument("--out", default="", help="also write the JSON here")
     args = parser.parse_args()
-    precision = resolve_precision(args.precision)
+    device = torch.device(args.device)
+    precision = resolve_precision(args.precision, device)
     dtype = DTYPES[precision]
     if args.memory_probe is not None:
-        print(json.dumps(memory_probe(bool(args.memory_probe), dtype, args.memory_batch)))
+        print(json.dumps(memory_probe(bool(args.memory_probe), dtype, device, args.memory_batch)))
         return
 
     torch.manual_seed(0)
-    data = captions(1)
+    data = captions(1, device)
     report: dict = {
         "shape": {**SHAPE, "batch": 1, "seq_len": SHAPE["text_seq_len"] + SHAPE["image_fmap_size"] ** 2},
-        "machine": machine_info(),
+        "machine": machine_info(device),
         "dtype": precision, "train": {}, "generate": {}, "memory": {},
     }
     for kind in args.patterns:
-        ours, peer = our_model(kind), peer_model(kind)
+        ours, peer = our_model(kind).to(device), peer_model(kind)
+        peer = peer if peer is None else peer.to(device)
         tokens = ours.seq_len
         print(f"[train] {kind}", file=sys.stderr, flush=True)
         best_ours = best_peer = float("inf")
@@ -158,11 +169,11 @@ def main() -> None:
         step = None
         if args.compile:  # as `sampling.compile` runs it: one graph for 1 row, one for more; the first pass compiles
             step = ours.compiled_sampling_step()
-            gen["compiled_first_pass_s"] = {f"batch_{b}": generation_seconds(ours, captions(b)[0], 1.0, dtype,
-                                                                             step=step) for b in (1, 2)}
+            gen["compiled_first_pass_s"] = {f"batch_{b}": generation_seconds(ours, captions(b, device)[0], 1.0,
+                                                                             dtype, step=step) for b in (1, 2)}
         for batch in args.gen_batches:
             print(f"[generate] {kind} batch {batch}", file=sys.stderr, flush=True)
-            text = captions(batch)[0]
+            text = captions(batch, device)[0]
             plain, guided = (generation_seconds(ours, text, scale, dtype) for scale in (1.0, 3.0))
             entry = gen[f"batch_{batch}"] = {"image_tokens_per_s": batch * image_tokens / plain,
                                              "guided_image_tokens_per_s": batch * image_tokens / guided,
@@ -173,7 +184,7 @@ def main() -> None:
                              compiled_guided_image_tokens_per_s=batch * image_tokens / guided,
                              compiled_guidance_cost=guided / plain)
         if peer is not None:
-            text = captions(1)[0]
+            text = captions(1, device)[0]
             peer_guided = peer_generation_seconds(peer, text, 3.0, dtype)
             gen["reference_batch_1_guided_image_tokens_per_s"] = image_tokens / peer_guided
             gen["guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype)
@@ -181,7 +192,7 @@ def main() -> None:
                 gen["compiled_guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype,
                                                                                                step=step)
         report["generate"][kind] = gen
-        print(json.dumps({kind: {"train": entry, "generate": gen}}), file=sys.stderr, flush=True)
+        print(json.dumps({kind: {"train": report["train"][kind], "generate": gen}}), file=sys.stderr, flush=True)
 
     full = report["train"].get("full")
     if full:
@@ -189,18 +200,19 @@ def main() -> None:
             entry["step_cost_vs_full"] = entry["step_s"] / full["step_s"]
             if "compiled_step_s" in entry:
                 entry["compiled_step_cost_vs_full"] = entry["compiled_step_s"] / full["compiled_step_s"]
-    attention: dict = {"full_ms": attention_seconds("full", dtype, "structured") * 1e3}
+    attention: dict = {"full_ms": attention_seconds("full", dtype, device, "structured") * 1e3}
     for kind in set(args.patterns) - {"full"}:
         for path in ("structured", "mask"):
-            attention[f"{kind}_{path}_ms"] = attention_seconds(kind, dtype, path) * 1e3
+            attention[f"{kind}_{path}_ms"] = attention_seconds(kind, dtype, device, path) * 1e3
         attention[f"{kind}_cost_vs_full"] = attention[f"{kind}_structured_ms"] / attention["full_ms"]
     report["attention_one_layer"] = attention
 
     print(f"[memory] batch {args.memory_batch}", file=sys.stderr, flush=True)
-    probes = {name: probe_in_subprocess(on, precision, args.memory_batch)
+    probes = {name: probe_in_subprocess(on, precision, device, args.memory_batch)
               for name, on in (("stored", False), ("checkpointed", True))}
+    peak = f"peak_{memory_measure(device)}_bytes"
     report["memory"] = {"batch": args.memory_batch, **probes,
-                        "saved_bytes": probes["stored"]["peak_rss_bytes"] - probes["checkpointed"]["peak_rss_bytes"]}
+                        "saved_bytes": probes["stored"][peak] - probes["checkpointed"][peak]}
     write_report(report, args.out)
 
 

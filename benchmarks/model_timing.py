@@ -1,5 +1,5 @@
 """Timing helpers the model benchmarks share: one training step, one sampling pass, ours and the reference's,
-in the same process, thread count and dtype."""
+in the same process, thread count, dtype and device (the device of the data handed in: CPU or CUDA)."""
 
 from __future__ import annotations
 
@@ -33,8 +33,15 @@ def peer_params(peer: torch.nn.Module) -> int:
     return sum(p.numel() for n, p in peer.named_parameters() if not n.startswith("vae."))
 
 
-def autocast(dtype: torch.dtype) -> AbstractContextManager:
-    return torch.autocast("cpu", dtype=dtype) if dtype != torch.float32 else nullcontext()
+def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
+    return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+
+def clock(device: torch.device) -> float:
+    """The wall clock once ``device`` has run the work queued on it (CUDA kernels return before they finish)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
 
 
 def train_step_seconds(model: torch.nn.Module, peer: bool, dtype: torch.dtype, steps: int,
@@ -45,42 +52,42 @@ def train_step_seconds(model: torch.nn.Module, peer: bool, dtype: torch.dtype, s
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4, fused=True)
     times = []
     for i in range(steps + warmup):
-        start = time.perf_counter()
-        with autocast(dtype):
+        start = clock(text.device)
+        with autocast(dtype, text.device):
             out = model(text, codes, return_loss=True)
         (out if peer else out[0]).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if i >= warmup:
-            times.append(time.perf_counter() - start)
+            times.append(clock(text.device) - start)
     return sorted(times)[len(times) // 2]
 
 
 def generation_seconds(model: DALLE, text: torch.Tensor, cond_scale: float, dtype: torch.dtype,
                        use_cache: bool = True, step: Callable | None = None) -> float:
     """Seconds of one ``generate_image_codes`` pass (``step``: a compiled sampling step)."""
-    start = time.perf_counter()
-    with autocast(dtype):
+    start = clock(text.device)
+    with autocast(dtype, text.device):
         model.generate_image_codes(text, use_cache=use_cache, cond_scale=cond_scale, step=step,
-                                   generator=torch.Generator().manual_seed(0))
-    return time.perf_counter() - start
+                                   generator=torch.Generator(text.device).manual_seed(0))
+    return clock(text.device) - start
 
 
 def peer_generation_seconds(peer: torch.nn.Module, text: torch.Tensor, cond_scale: float, dtype: torch.dtype) -> float:
     """The reference's ``generate_images`` (codes plus its small dVAE's decode); it only uses its key/value
     cache when guided (its bug 2), so compare guided with guided."""
-    start = time.perf_counter()
-    with autocast(dtype):
+    start = clock(text.device)
+    with autocast(dtype, text.device):
         peer.generate_images(text, use_cache=True, cond_scale=cond_scale)
-    return time.perf_counter() - start
+    return clock(text.device) - start
 
 
 def matmul_peak(dtype: torch.dtype, model: DALLE, tokens: int) -> float:
     """Best of several readings of the model's two largest matmuls (feed-forward in, image logits), in its
     dtype; the ceiling an MFU is a share of."""
-    cfg = model.config
+    cfg, device = model.config, next(model.parameters()).device
     shapes = [(tokens, cfg.dim, 2 * cfg.ff_mult * cfg.dim), (tokens, cfg.dim, cfg.num_image_tokens)]
-    return max(measure_peak_flops(dtype=dtype, shape=shape, seconds=0.5, readings=4) for shape in shapes)
+    return max(measure_peak_flops(device, dtype=dtype, shape=shape, seconds=0.5, readings=4) for shape in shapes)
 
 
 def checked_mfu(name: str, tokens_per_s: float, model: DALLE, peak: float) -> float:
@@ -91,8 +98,14 @@ def checked_mfu(name: str, tokens_per_s: float, model: DALLE, peak: float) -> fl
     return share
 
 
-def machine_info() -> dict:
-    """What a CPU figure depends on: SIMD level, native bf16, threads."""
+def machine_info(device: torch.device | str = "cpu") -> dict:
+    """What a figure depends on: on a CPU its SIMD level, native bf16 and threads; on a GPU its name, compute
+    capability and native bf16."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return {"gpu": torch.cuda.get_device_name(device), "compute_capability": f"{major}.{minor}",
+                "cuda_bf16": torch.cuda.is_bf16_supported(), "torch": torch.__version__}
     return {"cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "mkldnn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()), "threads": torch.get_num_threads()}
 
