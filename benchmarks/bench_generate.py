@@ -21,14 +21,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from model_timing import clock, machine_info, write_report
+from model_timing import machine_info, write_report
 
 from dalle_core.checkpoint import save_model
 from dalle_core.clip import CLIP
 from dalle_core.dalle import DALLE
 from dalle_core.sampling import PromptChecker
 from dalle_core.tokenizer import BPETokenizer
-from dalle_core.train_utils import DTYPES, precision_choice
+from dalle_core.train_utils import DTYPES, clock, precision_choice
 from dalle_core.vae import DiscreteVAE
 from pipelines.config import Config
 

@@ -22,7 +22,6 @@ import sys
 import torch
 from model_timing import (
     checked_mfu,
-    clock,
     generation_seconds,
     import_peer,
     machine_info,
@@ -35,7 +34,7 @@ from model_timing import (
 
 from dalle_core.config import ATTN_TYPES, DALLEConfig
 from dalle_core.dalle import DALLE
-from dalle_core.train_utils import DTYPES, peak_memory_bytes, resolve_precision
+from dalle_core.train_utils import DTYPES, clock, peak_memory_bytes, resolve_precision
 
 SHAPE = {"text_seq_len": 256, "image_fmap_size": 32, "num_image_tokens": 8192, "num_text_tokens": 16384,
          "dim": 512, "depth": 2, "heads": 8, "dim_head": 64}
@@ -187,6 +186,7 @@ def main() -> None:
             text = captions(1, device)[0]
             peer_guided = peer_generation_seconds(peer, text, 3.0, dtype)
             gen["reference_batch_1_guided_image_tokens_per_s"] = image_tokens / peer_guided
+            # ours again, right beside the reference's pass: this machine's speed drifts over a run
             gen["guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype)
             if step is not None:
                 gen["compiled_guided_speedup_vs_reference"] = peer_guided / generation_seconds(ours, text, 3.0, dtype,

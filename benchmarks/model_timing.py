@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -13,7 +12,7 @@ from pathlib import Path
 import torch
 
 from dalle_core.dalle import DALLE
-from dalle_core.train_utils import measure_peak_flops, mfu
+from dalle_core.train_utils import clock, measure_peak_flops, mfu
 
 PEER_STUBS = Path(__file__).resolve().parents[1].parent / "shared" / "peer" / "stubs"
 
@@ -35,13 +34,6 @@ def peer_params(peer: torch.nn.Module) -> int:
 
 def autocast(dtype: torch.dtype, device: torch.device) -> AbstractContextManager:
     return torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
-
-
-def clock(device: torch.device) -> float:
-    """The wall clock once ``device`` has run the work queued on it (CUDA kernels return before they finish)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return time.perf_counter()
 
 
 def train_step_seconds(model: torch.nn.Module, peer: bool, dtype: torch.dtype, steps: int,

@@ -85,6 +85,13 @@ def mfu(tokens_per_s: float, flops_per_token: float, peak_flops: float) -> float
     return tokens_per_s * flops_per_token / peak_flops if peak_flops > 0 else 0.0
 
 
+def clock(device: torch.device | str) -> float:
+    """The wall clock once ``device`` has run the work queued on it (CUDA kernels return before they finish)."""
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
 def measure_peak_flops(device: torch.device | str = "cpu", size: int = 512, seconds: float = 0.3,
                        dtype: torch.dtype = torch.float32, shape: tuple[int, int, int] | None = None,
                        readings: int = 3) -> float:
@@ -100,13 +107,11 @@ def measure_peak_flops(device: torch.device | str = "cpu", size: int = 512, seco
     a @ b  # warm-up: first call pays for thread-pool and kernel selection
     best = 0.0
     for _ in range(readings):
-        count, start = 0, time.perf_counter()
+        count, start = 0, clock(device)
         while True:
             a @ b
             count += 1
-            if torch.device(device).type == "cuda":
-                torch.cuda.synchronize()
-            elapsed = time.perf_counter() - start
+            elapsed = clock(device) - start
             if elapsed >= seconds:
                 best = max(best, 2.0 * m * k * n * count / elapsed)
                 break
