@@ -18,7 +18,7 @@ mask``) hands the pattern's rows of the matrix to SDPA, the reference the tests 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -472,7 +472,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def _sample_stream(
         self, prefix: Tensor, steps: int, image: bool, *, temperature: float, top_k: float,
-        cond_scale: float, use_cache: bool, generator: torch.Generator | None, step: Callable | None = None,
+        cond_scale: float, use_cache: bool, generator: Generators, step: Callable | None = None,
     ) -> Tensor:
         """Extends ``prefix [B or 2B, n]`` by ``steps`` image codes (or text ids). With guidance, the second
         half of the rows is the null-caption copy of the first; both halves run in the same batched pass and
@@ -482,6 +482,8 @@ class DALLE(nn.Module):
         self.eval()
         guided = cond_scale != 1.0
         caches = self.new_cache(prefix.shape[0]) if use_cache else None
+        sampled_rows = prefix.shape[0] // 2 if guided else prefix.shape[0]
+        uniforms = draw_uniforms(generator, sampled_rows, steps, prefix.device)
         ids, done = prefix, 0
         for i in range(steps):
             logits = self._next_logits(ids, caches, done, image, step if i > 0 else None)  # prefix: eager
@@ -489,7 +491,7 @@ class DALLE(nn.Module):
             if guided:
                 cond, null = logits.chunk(2)
                 logits = null + (cond - null) * cond_scale
-            token = sample_logits(logits, temperature=temperature, top_k=top_k, generator=generator)
+            token = sample_logits(logits, uniforms[:, i], temperature=temperature, top_k=top_k)
             if guided:
                 token = torch.cat([token, token])
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -499,7 +501,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def generate_image_codes(
         self, text: Tensor, *, temperature: float = 1.0, top_k: float = 0.9, cond_scale: float = 1.0,
-        prime_codes: Tensor | None = None, use_cache: bool = True, generator: torch.Generator | None = None,
+        prime_codes: Tensor | None = None, use_cache: bool = True, generator: Generators = None,
         step: Callable | None = None,
     ) -> Tensor:
         """Samples ``[B, image_seq_len]`` image codes for captions ``text [B, text_seq_len]`` (0 = pad).
@@ -507,7 +509,8 @@ class DALLE(nn.Module):
         ``top_k`` below 1 keeps that fraction of the codebook, from 1 up keeps that many codes.
         ``cond_scale != 1`` applies classifier-free guidance against a null caption in one batched pass.
         ``prime_codes [B, P]`` fixes the first ``P`` codes (image priming). ``step`` replaces the cached
-        one-token step (a :meth:`compiled_sampling_step`). Inputs are never modified.
+        one-token step (a :meth:`compiled_sampling_step`). ``generator``: one for the batch, or one per row of
+        ``text`` (see :func:`draw_uniforms`). Inputs are never modified.
         """
         if step is not None and not use_cache:
             raise ValueError("a sampling step needs use_cache=True")
@@ -529,7 +532,7 @@ class DALLE(nn.Module):
     @torch.no_grad()
     def generate_texts(
         self, prompt: Tensor | None = None, *, batch: int = 1, temperature: float = 1.0, top_k: float = 0.9,
-        use_cache: bool = True, generator: torch.Generator | None = None,
+        use_cache: bool = True, generator: Generators = None,
     ) -> Tensor:
         """Continues caption ids ``prompt [B, n]`` (or starts from ``<bos>``) to ``text_seq_len`` ids.
         Sampled per-slot pad ids come back as 0, so the tokenizer's decode skips them."""
@@ -544,13 +547,30 @@ class DALLE(nn.Module):
         return text.masked_fill(text >= self.config.num_text_tokens, 0)
 
 
-def sample_logits(logits: Tensor, *, temperature: float, top_k: float, generator: torch.Generator | None) -> Tensor:
-    """Draws one index per row after top-k filtering (a fraction below 1, a count from 1; ties with the k-th
-    value are kept) and temperature.
+Generators = torch.Generator | Sequence[torch.Generator] | None
 
-    The k-th value comes from a selection (``kthvalue``), not a sort, and the draw inverts the cumulative
-    distribution with one uniform per row: ``topk`` of 90% of an 8192-code book and ``multinomial``'s exponential
-    per entry took 0.37 + 0.15 ms a row on a CPU, more than the rest of a guided step at batch 32."""
+
+def draw_uniforms(generator: Generators, rows: int, steps: int, device: torch.device) -> Tensor:
+    """``[rows, steps]`` uniforms, one per token a sampling pass draws. One generator (or None: torch's global
+    one) serves the whole batch; a sequence of them, one per row, gives each row a stream of its own, so a row
+    draws the same tokens whichever batch it is sampled in (the Serve evaluation's batches are formed as
+    prompts arrive)."""
+    if generator is None or isinstance(generator, torch.Generator):
+        on = generator.device if generator is not None else device
+        return torch.rand(rows, steps, generator=generator, device=on).to(device)
+    if len(generator) != rows:
+        raise ValueError(f"{len(generator)} generators for {rows} rows: pass one per row (or one for the batch)")
+    return torch.stack([torch.rand(steps, generator=g, device=g.device) for g in generator]).to(device)
+
+
+def sample_logits(logits: Tensor, uniform: Tensor, *, temperature: float, top_k: float) -> Tensor:
+    """Draws one index per row of ``logits [B, V]`` after top-k filtering (a fraction below 1, a count from 1;
+    ties with the k-th value are kept) and temperature, by inverting the row's cumulative distribution at its
+    ``uniform [B]`` in [0, 1).
+
+    The k-th value comes from a selection (``kthvalue``), not a sort, and one uniform a row replaces ``multinomial``:
+    ``topk`` of 90% of an 8192-code book and ``multinomial``'s exponential per entry took 0.37 + 0.15 ms a row on a
+    CPU, more than the rest of a guided step at batch 32."""
     vocab = logits.shape[-1]
     k = max(1, math.ceil(top_k * vocab)) if top_k < 1 else min(vocab, int(top_k))
     scaled = logits.float() / temperature
@@ -559,7 +579,7 @@ def sample_logits(logits: Tensor, *, temperature: float, top_k: float, generator
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     cdf = torch.softmax(scaled, dim=-1).cumsum(dim=-1)
     total = cdf[..., -1:]
-    u = torch.rand(total.shape, generator=generator, device=cdf.device, dtype=cdf.dtype) * total
+    u = uniform.to(cdf)[:, None] * total
     # u < total, so the first cdf entry above u rose there: that code has probability > 0 (never a filtered one)
     u = torch.minimum(u, total.nextafter(torch.zeros_like(total)))
     return torch.searchsorted(cdf, u, right=True).squeeze(-1)

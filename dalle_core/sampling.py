@@ -76,10 +76,10 @@ class PromptChecker:
         return out
 
 
-def batch_seed(base_seed: int, keys: list[str]) -> int:
-    """A sampling seed for one batched pass, fixed by the base seed and the prompts it holds (so a rerun with
-    the same batches draws the same pictures, and the seed is worth recording)."""
-    digest = hashlib.sha256(f"{base_seed}|{'|'.join(keys)}".encode()).digest()
+def derive_seed(base_seed: int, parts: list[str]) -> int:
+    """A seed fixed by a base seed and the given parts (a prompt's key, a candidate's index), the same on every
+    machine and rerun."""
+    digest = hashlib.sha256(f"{base_seed}|{'|'.join(parts)}".encode()).digest()
     return int.from_bytes(digest[:6], "little")
 
 
@@ -121,14 +121,18 @@ class ImageGenerator:
                              f"{d.num_text_tokens}")
 
     @torch.no_grad()
-    def generate(self, text_ids: Tensor, num_candidates: int, sampling: SamplingConfig, seed: int) -> Tensor:
+    def generate(self, text_ids: Tensor, num_candidates: int, sampling: SamplingConfig, seeds: list[int]) -> Tensor:
         """``text_ids [P, T]`` -> float pictures ``[P, num_candidates, C, H, W]`` in [0, 1]. Every candidate of
-        every prompt is a row of one cached (and, with ``cond_scale != 1``, guided) sampling pass."""
+        every prompt is a row of one cached (and, with ``cond_scale != 1``, guided) sampling pass. Each prompt's
+        ``seeds`` entry fixes its candidates' draws, so they do not depend on the other prompts of the pass."""
+        if len(seeds) != text_ids.shape[0]:
+            raise ValueError(f"{len(seeds)} seeds for {text_ids.shape[0]} prompts")
         rows = text_ids.to(self.device).repeat_interleave(num_candidates, dim=0)
-        generator = torch.Generator(self.device).manual_seed(seed)
+        generators = [torch.Generator(self.device).manual_seed(derive_seed(seed, [str(c)]))
+                      for seed in seeds for c in range(num_candidates)]
         codes = self.dalle.generate_image_codes(rows, temperature=sampling.temperature, top_k=sampling.top_k,
                                                 cond_scale=sampling.cond_scale, use_cache=True,
-                                                generator=generator, step=self.step)
+                                                generator=generators, step=self.step)
         images = self.vae.decode(codes)
         return images.view(text_ids.shape[0], num_candidates, *images.shape[1:])
 
@@ -178,7 +182,7 @@ def generate_prompt(generator: ImageGenerator, tokenizer: BPETokenizer, prompt: 
     if not check.ok:
         return RankedPrompt(check)
     text = pad_text_ids([check.text_ids], generator.text_seq_len)
-    images = generator.generate(text, num_candidates, sampling, sampling.seed)
+    images = generator.generate(text, num_candidates, sampling, [sampling.seed])
     result = RankedPrompt(check, to_uint8(images[0]), seed=sampling.seed)
     if scorer is not None:
         scores = score_candidates(scorer, text, images, [prompt])

@@ -184,6 +184,30 @@ def test_guided_sampling_leaves_prompt_unchanged_and_uses_the_caption():
     assert not torch.equal(guided[:, 1:], guided_other[:, 1:])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_a_generator_per_row_draws_each_row_as_it_would_be_drawn_alone(dtype):
+    """The Serve evaluation batches prompts as they arrive: with a generator per row, a row samples the same codes
+    alone, in a batch and in another order. With one generator for the batch, the rows after the first draw
+    from another part of its stream when the batch changes."""
+    torch.manual_seed(4)
+    model = sharpened(DALLE(tiny_config())).to(dtype).eval()
+    text, _ = batch(model.config, b=4)
+    seeds = [10, 11, 12, 13]
+
+    def sample(rows: list[int], generator=None) -> torch.Tensor:
+        generator = generator or [torch.Generator().manual_seed(seeds[r]) for r in rows]
+        return model.generate_image_codes(text[rows], cond_scale=3.0, top_k=0.5, generator=generator)
+
+    together = sample([0, 1, 2, 3])
+    assert torch.equal(torch.cat([sample([r]) for r in range(4)]), together)
+    assert torch.equal(sample([3, 1, 0, 2])[[2, 1, 3, 0]], together)
+    assert len(set(together.flatten().tolist())) > 3
+    shared = [sample(rows, torch.Generator().manual_seed(10)) for rows in ([0, 1, 2, 3], [1])]
+    assert not torch.equal(shared[0][1], shared[1][0])
+    with pytest.raises(ValueError, match="one per row"):
+        sample([0, 1], [torch.Generator()])
+
+
 @pytest.mark.parametrize("cond_scale", [1.0, 2.0])
 def test_sampling_uses_the_cache_and_one_batched_pass_with_or_without_guidance(cond_scale):
     torch.manual_seed(3)
@@ -331,18 +355,18 @@ def test_generate_texts_cached_matches_uncached_and_returns_plain_ids():
 
 def test_sample_logits_top_k_by_fraction_and_by_count():
     logits = torch.arange(10.0).repeat(200, 1)
-    g = torch.Generator().manual_seed(0)
-    assert set(sample_logits(logits, temperature=1.0, top_k=0.2, generator=g).tolist()) <= {8, 9}
-    assert set(sample_logits(logits, temperature=1.0, top_k=3, generator=g).tolist()) == {7, 8, 9}
-    assert set(sample_logits(logits, temperature=1e-4, top_k=3, generator=g).tolist()) == {9}
+    u = torch.rand(200, generator=torch.Generator().manual_seed(0))
+    assert set(sample_logits(logits, u, temperature=1.0, top_k=0.2).tolist()) <= {8, 9}
+    assert set(sample_logits(logits, u, temperature=1.0, top_k=3).tolist()) == {7, 8, 9}
+    assert set(sample_logits(logits, u, temperature=1e-4, top_k=3).tolist()) == {9}
 
 
 def test_sample_logits_draws_the_filtered_softmax_distribution():
     """The draw (one uniform per row against the cumulative distribution) follows softmax(logits / T) over the
     kept codes: frequencies of 40k draws within 0.01 of it, filtered codes never drawn."""
     logits = torch.tensor([2.0, -1.0, 0.5, 3.0, 1.0, -2.0, 0.0, 2.5]).repeat(40_000, 1)
-    g = torch.Generator().manual_seed(1)
-    tokens = sample_logits(logits, temperature=0.7, top_k=5, generator=g)
+    tokens = sample_logits(logits, torch.rand(40_000, generator=torch.Generator().manual_seed(1)), temperature=0.7,
+                           top_k=5)
     counts = torch.bincount(tokens, minlength=8).double() / len(tokens)
     kept = logits[0] >= logits[0].topk(5).values[-1]
     expected = torch.softmax((logits[0] / 0.7).masked_fill(~kept, float("-inf")), dim=0).double()

@@ -22,12 +22,13 @@ from PIL import Image
 from ray import serve
 
 from dalle_core.checkpoint import load_model
+from dalle_core.sampling import PromptChecker, derive_seed, generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
 from pipelines import storage
 from pipelines.artifacts import model_paths
 from pipelines.config import Config, SyntheticConfig
 from pipelines.data.synthetic import Attributes, heldout_wording, parse_caption, sentence_shape, write_synthetic
-from pipelines.serve.app import RequestError, build_app, max_body_bytes, parse_request, score_batch
+from pipelines.serve.app import RequestError, build_app, generate_batch, max_body_bytes, parse_request, score_batch
 from pipelines.serve.evaluation import load_prompts, run_evaluation
 from pipelines.serve.report import ATTRIBUTES, compute_metrics, format_metrics, quality_bar
 
@@ -164,6 +165,14 @@ class TestHTTP:
         assert scores == sorted(scores, reverse=True) and [c["rank"] for c in body["candidates"]] == [0, 1, 2]
         picture = Image.open(io.BytesIO(base64.b64decode(body["candidates"][0]["png_base64"])))
         assert picture.size == (live.config.vae.image_size, live.config.vae.image_size)
+        # Seeded by sampling.seed, as `jobs/generate.py` is: it draws the same pictures.
+        paths, sampling = model_paths(live.config), live.config.sampling
+        generator = load_generator(paths.checkpoint, paths.vae, precision=sampling.precision,
+                                   compile_step=sampling.compile)
+        tokenizer = BPETokenizer.load(paths.tokenizer, live.config.tokenizer.text_seq_len)
+        alone = generate_prompt(generator, tokenizer, "a small red circle on the left", 3, sampling)
+        assert body["seed"] == sampling.seed
+        assert np.array_equal(np.asarray(picture), alone.images[body["candidates"][0]["candidate"]])
         default = live.post({"prompt": "a red circle", "top": 1}).json()
         assert default["num_candidates"] == live.config.sampling.num_candidates and len(default["candidates"]) == 1
         strip = live.post({"prompt": "a red square", "n": 2, "format": "png"})
@@ -235,6 +244,22 @@ def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
             assert Image.open(out / path).size == (config.vae.image_size,) * 2
         assert rows["seed"].notna().all() and (rows["cond_scale"] == config.sampling.cond_scale).all()
     assert results.loc[results.status != "ok", "score"].isna().all()
+    # Each prompt's seed alone fixes its pictures: drawn alone (`jobs/generate.py --seed` with the recorded seed),
+    # in one pass with every other prompt, or as Serve batched them, they are the same.
+    paths, tokenizer = model_paths(config), BPETokenizer.load(config.paths.resolved().tokenizer,
+                                                               config.tokenizer.text_seq_len)
+    generator = load_generator(paths.checkpoint, paths.vae, precision=config.sampling.precision,
+                               compile_step=config.sampling.compile)
+    best = results[(results.status == "ok") & (results["rank"] == 0)]
+    together = generate_batch(generator, PromptChecker(tokenizer), config.sampling,
+                              [{"key": r.key, "prompt": r.prompt} for r in best.itertuples()])
+    for row, batched in zip(best.itertuples(), together, strict=True):
+        assert row.seed == batched["seed"] == derive_seed(config.sampling.seed, [row.key])
+        own_seed = dataclasses.replace(config.sampling, seed=row.seed)
+        alone = generate_prompt(generator, tokenizer, row.prompt, n, own_seed)
+        drawn = np.asarray(Image.open(out / row.image_path))
+        assert np.array_equal(alone.images[row.candidate], drawn)
+        assert np.array_equal(batched["images"][row.candidate], drawn)
     written = {str(p.relative_to(out)) for p in (out / "images").rglob("*.png")}
     assert written == set(results["image_path"].dropna())
 

@@ -86,7 +86,7 @@ def test_sampler_precision_sets_weights_and_cache_and_stays_near_fp32(config):
     finite = want > -1e30  # the masked entries
     assert torch.allclose(got[finite], want[finite], atol=0.1, rtol=0.05)
     sampling = SamplingConfig(cond_scale=2.0, num_candidates=2, top_images=1, seed=3)
-    pictures = half.generate(text[:1], 2, sampling, seed=3)
+    pictures = half.generate(text[:1], 2, sampling, [3])
     assert pictures.dtype == torch.float32 and pictures.shape[:2] == (1, 2)
     with pytest.raises(ValueError, match="sampling.precision: fp16 needs a CUDA device"):
         load_generator(ckpt, paths.vae, precision="fp16")

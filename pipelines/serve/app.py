@@ -38,7 +38,7 @@ from dalle_core.sampling import (
     STATUS_ERROR,
     ImageGenerator,
     PromptChecker,
-    batch_seed,
+    derive_seed,
     load_generator,
     rank_order,
     score_candidates,
@@ -61,7 +61,9 @@ def _device(num_gpus: float) -> str:
 def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: SamplingConfig,
                    requests: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The Generator's work for one batch of requests (also what a plain Ray Data actor runs in the
-    benchmark): check prompts, sample every accepted one in one pass, return uint8 pictures or a status."""
+    benchmark): check prompts, sample every accepted one in one pass, return uint8 pictures or a status.
+    A prompt's seed is ``sampling.seed``, or derived from it and the request's ``key`` where there is one (the
+    batch job's prompts), and it alone fixes the prompt's draws, whatever else the batch holds."""
     checks = checker.check([r["prompt"] for r in requests])
     out: list[dict[str, Any]] = [
         {"status": c.status, "detail": c.detail, "caption": r["prompt"], "text_ids": c.text_ids, "images": None,
@@ -70,16 +72,17 @@ def generate_batch(model: ImageGenerator, checker: PromptChecker, sampling: Samp
     # One pass needs one candidate count; a batch mixing counts runs one pass per count.
     for n in sorted({int(requests[i].get("num_candidates") or sampling.num_candidates) for i in ok}):
         group = [i for i in ok if int(requests[i].get("num_candidates") or sampling.num_candidates) == n]
-        seed = batch_seed(sampling.seed, [str(requests[i].get("key", requests[i]["prompt"])) for i in group])
+        seeds = [sampling.seed if "key" not in requests[i] else derive_seed(sampling.seed, [str(requests[i]["key"])])
+                 for i in group]
         text = pad_text_ids([checks[i].text_ids for i in group], model.text_seq_len)
         try:
-            images = to_uint8(model.generate(text, n, sampling, seed))
+            images = to_uint8(model.generate(text, n, sampling, seeds))
         except Exception as exc:  # recorded per prompt; the replica stays up for the next batch
             for i in group:
                 out[i].update(status=STATUS_ERROR, detail=f"generation failed: {exc!r}")
             continue
         for j, i in enumerate(group):
-            out[i].update(images=images[j], seed=seed, batch_prompts=len(group))
+            out[i].update(images=images[j], seed=seeds[j], batch_prompts=len(group))
     return out
 
 
@@ -245,7 +248,7 @@ class DalleApp:
     async def rank(self, prompt: str, n: int | None = None) -> dict[str, Any]:
         """Generate, score and order the candidates of one prompt (also callable through the app handle)."""
         n = self.sampling.num_candidates if n is None else n
-        gen = await self.generator.generate.remote({"prompt": prompt, "key": prompt, "num_candidates": n})
+        gen = await self.generator.generate.remote({"prompt": prompt, "num_candidates": n})
         result = {"prompt": prompt, "status": gen["status"], "detail": gen["detail"], "seed": gen["seed"],
                   "num_candidates": n, "settings": dict(vars(self.sampling), num_candidates=n), "candidates": []}
         if gen["images"] is None:

@@ -27,7 +27,7 @@ import torch
 from dalle_core.checkpoint import load_model
 from dalle_core.images import png_bytes
 from dalle_core.io import read_bytes, write_bytes
-from dalle_core.sampling import STATUS_ERROR, batch_seed, rank_order
+from dalle_core.sampling import STATUS_ERROR, derive_seed, rank_order
 from pipelines import storage
 from pipelines.artifacts import ModelPaths, run_dir
 from pipelines.config import Config
@@ -125,7 +125,7 @@ class ServeClient:
             return [dict(base, **blank)]
         images = gen["images"]
         order = rank_order(torch.tensor([scores]))[0].tolist()
-        pick = batch_seed(self.seed, [rec["key"], "random"]) % len(scores)
+        pick = derive_seed(self.seed, [rec["key"], "random"]) % len(scores)
         check = rec.get("truth_color", "") != ""
         rows = []
         for rank, cand in enumerate(order):
