@@ -1,6 +1,9 @@
-"""Retrieval accuracy of a contrastive model: how often the matching partner ranks in the top k (pure torch)."""
+"""Retrieval accuracy of a contrastive model (how often the matching partner ranks in the top k), and the
+uncertainty of a rate measured on few prompts (pure torch and maths)."""
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -18,6 +21,18 @@ def retrieval_accuracy(text_latents: Tensor, image_latents: Tensor, ks: tuple[in
         for k in ks:
             out[f"{name}_top{k}"] = float((rank < k).float().mean())
     return out
+
+
+def wilson_interval(hits: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The Wilson score interval (95% for ``z`` 1.96) of a rate of ``hits`` in ``n`` trials: on 64 prompts a
+    measured 84.4% spans 73.6-91.3%, which says how far two runs may differ by chance alone. Unlike the normal
+    approximation it stays inside [0, 1] at 0% and 100%."""
+    if n <= 0:
+        return 0.0, 1.0
+    rate, spread = hits / n, z * z / n
+    centre = (rate + spread / 2) / (1 + spread)
+    half = z * math.sqrt(rate * (1 - rate) / n + spread / (4 * n)) / (1 + spread)
+    return max(0.0, centre - half), min(1.0, centre + half)
 
 
 def chance_accuracy(num_pairs: int, k: int) -> float:
