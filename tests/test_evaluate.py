@@ -22,7 +22,7 @@ from PIL import Image
 from ray import serve
 
 from dalle_core.checkpoint import load_model
-from dalle_core.sampling import PromptChecker, derive_seed, generate_prompt, load_generator
+from dalle_core.sampling import ImageGenerator, PromptChecker, derive_seed, generate_prompt, load_generator
 from dalle_core.tokenizer import BPETokenizer
 from pipelines import storage
 from pipelines.artifacts import model_paths
@@ -71,6 +71,15 @@ def config(tmp_path_factory, s3_server, ray_cluster):
     # s3_server (session scope) is set up before this module's Ray starts, so the replicas and client actors of
     # the s3:// test inherit its AWS_* variables.
     return build_artifacts(tmp_path_factory.mktemp("eval"), **EVAL, **{"evaluate.http_port": free_port()})
+
+
+def outside_serve(config: Config) -> tuple[ImageGenerator, BPETokenizer]:
+    """The Generator's models and tokenizer loaded as `jobs/generate.py` loads them, with the config's sampling
+    precision and compile setting: what a prompt's pictures are compared against outside Serve."""
+    paths = model_paths(config)
+    generator = load_generator(paths.checkpoint, paths.vae, precision=config.sampling.precision,
+                               compile_step=config.sampling.compile)
+    return generator, BPETokenizer.load(paths.tokenizer, config.tokenizer.text_seq_len)
 
 
 def serve_is_down() -> bool:
@@ -166,11 +175,8 @@ class TestHTTP:
         picture = Image.open(io.BytesIO(base64.b64decode(body["candidates"][0]["png_base64"])))
         assert picture.size == (live.config.vae.image_size, live.config.vae.image_size)
         # Seeded by sampling.seed, as `jobs/generate.py` is: it draws the same pictures.
-        paths, sampling = model_paths(live.config), live.config.sampling
-        generator = load_generator(paths.checkpoint, paths.vae, precision=sampling.precision,
-                                   compile_step=sampling.compile)
-        tokenizer = BPETokenizer.load(paths.tokenizer, live.config.tokenizer.text_seq_len)
-        alone = generate_prompt(generator, tokenizer, "a small red circle on the left", 3, sampling)
+        sampling = live.config.sampling
+        alone = generate_prompt(*outside_serve(live.config), "a small red circle on the left", 3, sampling)
         assert body["seed"] == sampling.seed
         assert np.array_equal(np.asarray(picture), alone.images[body["candidates"][0]["candidate"]])
         default = live.post({"prompt": "a red circle", "top": 1}).json()
@@ -246,10 +252,7 @@ def test_batch_job_writes_consistent_ranked_outputs(config, tmp_path):
     assert results.loc[results.status != "ok", "score"].isna().all()
     # Each prompt's seed alone fixes its pictures: drawn alone (`jobs/generate.py --seed` with the recorded seed),
     # in one pass with every other prompt, or as Serve batched them, they are the same.
-    paths, tokenizer = model_paths(config), BPETokenizer.load(config.paths.resolved().tokenizer,
-                                                               config.tokenizer.text_seq_len)
-    generator = load_generator(paths.checkpoint, paths.vae, precision=config.sampling.precision,
-                               compile_step=config.sampling.compile)
+    generator, tokenizer = outside_serve(config)
     best = results[(results.status == "ok") & (results["rank"] == 0)]
     together = generate_batch(generator, PromptChecker(tokenizer), config.sampling,
                               [{"key": r.key, "prompt": r.prompt} for r in best.itertuples()])
