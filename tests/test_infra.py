@@ -41,6 +41,13 @@ MANIFESTS = sorted(ROOT.glob("infra/kuberay/*.yaml"))
 CLUSTER_JOBS = ("train_vae", "pretokenize", "train", "train_clip", "evaluate")
 PRESETS = sorted(ROOT.glob("configs/*.yaml"))
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
+EFA_RESOURCE = "vpc.amazonaws.com/efa"  # what the AWS EFA Kubernetes device plugin advertises
+# EFA network cards per instance type (one EFA interface each): what a node must launch with and a pod ask for.
+EFA_CARDS = {"p4d.24xlarge": 4, "p4de.24xlarge": 4, "p5.48xlarge": 32, "p5e.48xlarge": 32, "p5en.48xlarge": 16}
+# NCCL over EFA: the image's values, which the GPU workers of cluster.yaml and the KubeRay pods repeat.
+EFA_ENV = ("FI_PROVIDER", "FI_EFA_USE_DEVICE_RDMA", "FI_EFA_FORK_SAFE", "NCCL_SOCKET_IFNAME")
+DLAMI_IMAGE = re.compile(r"ami-[0-9a-f]{8,17}|resolve:ssm:/aws/service/deeplearning/ami/x86_64/"
+                         r"base-oss-nvidia-driver-gpu-(ubuntu|amazon-linux)-[\d.]+/latest/ami-id")
 LITERAL_KEY = re.compile(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b|aws_secret_access_key\s*[:=]\s*['\"]?[A-Za-z0-9/+]{30,}",
                          re.IGNORECASE)
 
@@ -76,6 +83,8 @@ def _pod_errors(template: Any, where: str, gpu: bool) -> list[str]:
         limits = (container.get("resources") or {}).get("limits") or {}
         if gpu and int(limits.get("nvidia.com/gpu", 0)) < 1:
             errors.append(f"{at}.resources.limits: a GPU group needs nvidia.com/gpu >= 1")
+        if gpu and int(limits.get(EFA_RESOURCE, 0)) < 1:
+            errors.append(f"{at}.resources.limits: a GPU group needs {EFA_RESOURCE} >= 1 (NCCL over EFA, not TCP)")
     return errors
 
 
@@ -163,6 +172,43 @@ def dry_run_main() -> Any:
     return module.main
 
 
+def dockerfile_args() -> dict[str, str]:
+    """``ARG NAME=default`` of infra/Dockerfile (quotes stripped)."""
+    text = (ROOT / "infra/Dockerfile").read_text()
+    return {k: v.strip('"') for k, v in re.findall(r"^ARG (\w+)=(\S+)", text, re.MULTILINE)}
+
+
+def dockerfile_env() -> dict[str, str]:
+    """The variables the image's ``ENV`` instructions set (continuation lines joined), last one wins."""
+    text = (ROOT / "infra/Dockerfile").read_text().replace("\\\n", " ")
+    env = {}
+    for line in re.findall(r"^ENV (.+)$", text, re.MULTILINE):
+        env.update(item.split("=", 1) for item in shlex.split(line))
+    return env
+
+
+def makefile_torch_pins() -> tuple[str, str]:
+    """The torch and torchvision versions the Makefile installs (the build CI tests)."""
+    text = (ROOT / "Makefile").read_text()
+    return re.search(r"pip install -q torch==(\S+) torchvision==(\S+)$", text, re.MULTILINE).groups()
+
+
+def cluster_node_types() -> dict[str, dict[str, Any]]:
+    return load_docs(ROOT / "infra/cluster.yaml")[0]["available_node_types"]
+
+
+def gpu_worker_containers() -> list[tuple[str, dict[str, Any], dict[str, Any]]]:
+    """(where, pod spec, container) for every container of every GPU worker group in infra/kuberay."""
+    found = []
+    for path, doc in manifests():
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        for group in spec["workerGroupSpecs"]:
+            if "gpu" in group["groupName"]:
+                pod = group["template"]["spec"]
+                found += [(f"{path.name}:{group['groupName']}", pod, c) for c in pod["containers"]]
+    return found
+
+
 # ---------------------------------------------------------------------------------------------------------
 
 
@@ -202,11 +248,13 @@ def test_schema_check_catches_broken_manifests() -> None:
     del broken["spec"]["entrypoint"]
     worker = broken["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["containers"][0]
     del worker["resources"]["limits"]["nvidia.com/gpu"]
+    worker["resources"]["limits"].pop(EFA_RESOURCE, None)
     worker["env"] = [{"name": "AWS_SECRET_ACCESS_KEY", "value": "x"}]
     del broken["spec"]["rayClusterSpec"]["headGroupSpec"]["rayStartParams"]
     broken["apiVersion"] = "ray.io/v1alpha1"
     errors = "\n".join(kuberay_errors(broken))
-    for needle in ("apiVersion", "spec.entrypoint", "nvidia.com/gpu", "literal value", "headGroupSpec.rayStartParams"):
+    for needle in ("apiVersion", "spec.entrypoint", "nvidia.com/gpu", "literal value", "headGroupSpec.rayStartParams",
+                   EFA_RESOURCE):
         assert needle in errors, (needle, errors)
 
 
@@ -259,6 +307,101 @@ def test_dockerfile_installs_like_the_makefile() -> None:
     order = [text.index(s) for s in ("cython", "torch==${TORCH_VERSION}", "--no-build-isolation youtokentome",
                                      "DS_BUILD_FUSED_ADAM=1", "pip install \"ray")]
     assert order == sorted(order), "install order: cython, torch, youtokentome, deepspeed ops, project"
+
+
+def test_dockerfile_installs_the_makefiles_torch_build_from_the_matching_cuda_index() -> None:
+    """One torch everywhere: the Makefile's pins, from the index of the base image's CUDA, which is the CUDA of the
+    wheel the Makefile gets from PyPI (the build CI runs)."""
+    args = dockerfile_args()
+    torch_pin, vision_pin = makefile_torch_pins()
+    assert (args["TORCH_VERSION"], args["TORCHVISION_VERSION"]) == (torch_pin, vision_pin), "Dockerfile != Makefile"
+    index = re.fullmatch(r"https://download\.pytorch\.org/whl/cu(\d+)", args["TORCH_INDEX"])
+    assert index, args["TORCH_INDEX"]
+    major, minor = re.fullmatch(r"nvidia/cuda:(\d+)\.(\d+)\.\d+-\S*devel-\S+", args["CUDA_IMAGE"]).groups()
+    assert index.group(1) == major + minor, f"torch from cu{index.group(1)} on a CUDA {major}.{minor} base image"
+    assert int(major) >= 12, "H100 (sm_90) needs CUDA 12 or newer"
+    text = (ROOT / "infra/Dockerfile").read_text()
+    assert "torch==${TORCH_VERSION} torchvision==${TORCHVISION_VERSION} --index-url ${TORCH_INDEX}" in text
+    image = load_docs(ROOT / "infra/cluster.yaml")[0]["docker"]["image"]
+    assert image.endswith(f"-cu{index.group(1)}"), f"{image}: the tag names another CUDA than the image has"
+    if torch.__version__.split("+")[0] == torch_pin and torch.version.cuda:  # this venv is the Makefile's
+        assert torch.version.cuda.replace(".", "") == index.group(1), (
+            f"the Makefile's torch {torch.__version__} is CUDA {torch.version.cuda}, the image's cu{index.group(1)}")
+
+
+def test_image_brings_efa_and_the_aws_ofi_nccl_plugin() -> None:
+    text = (ROOT / "infra/Dockerfile").read_text()
+    install = re.search(r"efa_installer\.sh (.+?)(\\|&&|$)", text, re.MULTILINE)
+    assert install, "the EFA installer is not run"
+    assert {"-y", "--skip-kmod", "--skip-limit-conf", "--no-verify"} <= set(install.group(1).split()), install.group(1)
+    assert re.search(r"aws-efa-installer-\$\{EFA_INSTALLER_VERSION\}", text)
+    assert re.fullmatch(r"\d+\.\d+\.\d+", dockerfile_args()["EFA_INSTALLER_VERSION"]), "pin the EFA installer"
+    env = dockerfile_env()
+    library_path = env["LD_LIBRARY_PATH"].split(":")
+    assert "/opt/amazon/efa/lib" in library_path, "libfabric not on LD_LIBRARY_PATH"
+    assert any(p.startswith("/opt/amazon/ofi-nccl/lib") for p in library_path), "NCCL would not find aws-ofi-nccl"
+    assert library_path[-1] == "${LD_LIBRARY_PATH}", "the base image's CUDA library path must stay on it"
+    assert env["FI_PROVIDER"] == "efa" and env["FI_EFA_USE_DEVICE_RDMA"] == "1", env
+    assert set(EFA_ENV) <= set(env), set(EFA_ENV) - set(env)
+
+
+def test_every_node_type_boots_an_explicit_dlami_in_the_pinned_region() -> None:
+    """Left out, ImageId is Ray's default AMI (CUDA 11.2, a driver too old for H100s and for the image's CUDA)."""
+    config = load_docs(ROOT / "infra/cluster.yaml")[0]
+    assert re.fullmatch(r"[a-z]{2}-[a-z]+-\d", config["provider"]["region"]), "AMI ids are per region: pin it"
+    for name, node_type in cluster_node_types().items():
+        image = str(node_type["node_config"].get("ImageId", ""))
+        assert DLAMI_IMAGE.fullmatch(image), f"{name}: ImageId {image!r} is not an explicit DLAMI"
+    text = (ROOT / "infra/cluster.yaml").read_text()
+    assert "aws ssm get-parameter" in text and "aws ec2 describe-images" in text, "say how to look the AMI up"
+
+
+def test_gpu_node_types_launch_every_efa_interface_in_a_placement_group() -> None:
+    config = load_docs(ROOT / "infra/cluster.yaml")[0]
+    gpu_types = {k: v for k, v in cluster_node_types().items() if k != config["head_node_type"]}
+    assert gpu_types
+    for name, node_type in gpu_types.items():
+        node = node_type["node_config"]
+        cards = EFA_CARDS.get(node["InstanceType"])
+        assert cards, f"{name}: {node['InstanceType']} is not an EFA GPU instance type ({sorted(EFA_CARDS)})"
+        interfaces = node.get("NetworkInterfaces") or []
+        assert sorted(i["NetworkCardIndex"] for i in interfaces) == list(range(cards)), f"{name}: one EFA per card"
+        assert all(i["InterfaceType"] in ("efa", "efa-only") for i in interfaces), name
+        primary = next(i for i in interfaces if i["NetworkCardIndex"] == 0)
+        assert (primary["DeviceIndex"], primary["InterfaceType"]) == (0, "efa"), f"{name}: card 0 must be EFA+ENA"
+        # Ray's rule: with NetworkInterfaces, subnet and security groups live on each interface only.
+        assert all(i.get("SubnetId") and i.get("Groups") for i in interfaces), name
+        assert not {"SubnetId", "SubnetIds", "SecurityGroupIds"} & set(node), name
+        assert node.get("Placement", {}).get("GroupName"), f"{name}: no cluster placement group"
+    options = " ".join(config["docker"]["worker_run_options"])
+    assert "--device=/dev/infiniband" in options and "memlock=-1:-1" in options, options
+
+
+def test_nccl_over_efa_env_is_the_images_on_every_gpu_worker() -> None:
+    image_env = {k: dockerfile_env().get(k) for k in EFA_ENV}
+    assert None not in image_env.values(), f"infra/Dockerfile sets no {image_env}"
+    options = load_docs(ROOT / "infra/cluster.yaml")[0]["docker"]["worker_run_options"]
+    ray_up_env = dict(o[3:].split("=", 1) for o in options if o.startswith("-e "))
+    assert {k: ray_up_env.get(k) for k in EFA_ENV} == image_env, "infra/cluster.yaml GPU workers"
+    containers = gpu_worker_containers()
+    assert len(containers) == len(MANIFESTS)
+    for where, _pod, container in containers:
+        env = {e["name"]: e.get("value") for e in container.get("env") or []}
+        assert {k: env.get(k) for k in EFA_ENV} == image_env, where
+
+
+def test_kuberay_gpu_workers_get_efa_devices_hugepages_and_a_memory_backed_shm() -> None:
+    for where, pod, container in gpu_worker_containers():
+        resources = container["resources"]
+        instance_type = pod["nodeSelector"]["node.kubernetes.io/instance-type"]
+        for kind in ("limits", "requests"):
+            assert int(resources[kind].get(EFA_RESOURCE, 0)) == EFA_CARDS[instance_type], (where, kind)
+        hugepages = {kind: resources[kind].get("hugepages-2Mi") for kind in ("limits", "requests")}
+        assert hugepages["limits"] and hugepages["limits"] == hugepages["requests"], (where, hugepages)
+        assert "IPC_LOCK" in container["securityContext"]["capabilities"]["add"], where
+        shm = next(m["name"] for m in container["volumeMounts"] if m["mountPath"] == "/dev/shm")
+        volume = next(v for v in pod["volumes"] if v["name"] == shm)
+        assert volume["emptyDir"]["medium"] == "Memory", where
 
 
 def test_rayjob_runtime_env_matches_infra_runtime_env() -> None:
