@@ -16,12 +16,15 @@ strings, lists, dicts; tensors only in ``.pt`` files). Paths are local or any fs
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import importlib
 import io
 import json
 import os
+import tempfile
+from collections.abc import Iterator
 from typing import Any
 
 import safetensors.torch
@@ -29,7 +32,7 @@ import torch
 from torch import nn
 
 from dalle_core.config import from_dict, to_dict
-from dalle_core.io import read_bytes, write_bytes
+from dalle_core.io import filesystem, read_bytes, write_bytes
 
 # kind -> (module, class name, name of its config class in that module). Modules are imported lazily so that
 # loading a dVAE never imports the transformer and vice versa. The image tokenizers (DiscreteVAE, OpenAIDVAE,
@@ -75,15 +78,20 @@ def save_model(model: nn.Module, path: str, extra: dict | None = None) -> str:
     """Saves ``model`` (a registered kind with a dataclass ``.config``) to ``path``; returns the sha256 of the
     bytes written, so callers can record it without reading the file back."""
     model = _unwrap(model)
-    kind = type(model).__name__
+    return save_weights(type(model).__name__, getattr(model, "config", None), model.state_dict(), path, extra)
+
+
+def save_weights(kind: str, config: Any, state: dict[str, torch.Tensor], path: str, extra: dict | None = None) -> str:
+    """:func:`save_model` from weights already in hand: what a trainer writes from the weights it gathered out of
+    ZeRO's partitions, without building a model to hold them. Tensors keep their dtype (bf16 weights make a file
+    half the size, loaded into the model's fp32 parameters)."""
     if kind not in MODEL_REGISTRY:
         raise ValueError(f"cannot save {kind}: not a registered model kind ({sorted(MODEL_REGISTRY)})")
-    config = getattr(model, "config", None)
     if not dataclasses.is_dataclass(config):
         raise ValueError(f"cannot save {kind}: its .config must be a config dataclass, got {type(config).__name__}")
     extra = dict(extra or {})
     _check_plain(extra, "extra")
-    state = _own_storage({k: v.detach().cpu() for k, v in model.state_dict().items()})
+    state = _own_storage({k: v.detach().cpu() for k, v in state.items()})
     if path.endswith(SAFETENSORS_SUFFIX):
         try:
             metadata = {"format": _FORMAT, "kind": kind, "config": json.dumps(to_dict(config)),
@@ -133,7 +141,19 @@ def _safetensors_payload(metadata: dict[str, str] | None, state: dict[str, torch
 def load_model_with_extra(path: str, map_location: Any = "cpu") -> tuple[nn.Module, dict]:
     """Rebuilds the model saved at ``path`` (in eval mode) and returns it with the saved ``extra`` dict. A local
     safetensors file is memory-mapped rather than read into memory first."""
-    if "://" not in path and os.path.isfile(path):
+    if "://" in path:  # streamed to a local file first: a remote model is never held whole in memory twice
+        with tempfile.TemporaryDirectory(prefix="dalle-model-") as folder:
+            local = os.path.join(folder, os.path.basename(path) or "model")
+            fs, inner = filesystem(path)
+            if not fs.exists(inner):
+                raise FileNotFoundError(f"no such file: {path}")
+            fs.get_file(inner, local)
+            return _load_local(local, map_location, where=path)
+    return _load_local(path, map_location, where=path)
+
+
+def _load_local(path: str, map_location: Any, where: str) -> tuple[nn.Module, dict]:
+    if os.path.isfile(path):
         with open(path, "rb") as f:
             local_safetensors = _is_safetensors(f.read(9))
         if local_safetensors:
@@ -141,9 +161,9 @@ def load_model_with_extra(path: str, map_location: Any = "cpu") -> tuple[nn.Modu
                 with safetensors.safe_open(path, framework="pt") as f:
                     metadata, state = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
             except Exception as exc:
-                raise ValueError(f"{path}: not a readable safetensors file ({exc})") from exc
-            return _model_from_payload(_safetensors_payload(metadata, state, path), map_location, path)
-    return model_from_bytes(read_bytes(path), map_location, where=path)
+                raise ValueError(f"{where}: not a readable safetensors file ({exc})") from exc
+            return _model_from_payload(_safetensors_payload(metadata, state, where), map_location, where)
+    return model_from_bytes(read_bytes(path), map_location, where=where)
 
 
 def model_from_bytes(data: bytes, map_location: Any = "cpu", where: str = "checkpoint") -> tuple[nn.Module, dict]:
@@ -174,10 +194,35 @@ def _model_from_payload(payload: dict, map_location: Any, where: str) -> tuple[n
     module = importlib.import_module(module_name)
     config_cls, model_cls = getattr(module, config_name), getattr(module, class_name)
     config = from_dict(config_cls, payload["config"], kind)
-    model = model_cls(config)
-    model.load_state_dict(payload["state_dict"])
+    with without_random_init():
+        model = model_cls(config)
+    dtypes = {name: t.dtype for name, t in model.state_dict().items()}
+    # assign: the parameters become the loaded tensors, instead of a random init they are then copied into
+    model.load_state_dict(payload["state_dict"], assign=True)
+    for name, tensor in [*model.named_parameters(), *model.named_buffers()]:
+        if name in dtypes and tensor.dtype != dtypes[name]:  # a bf16 file: the model computes in its own dtype
+            tensor.data = tensor.data.to(dtypes[name])
     model.to(map_location if isinstance(map_location, (str, torch.device)) else "cpu")
     return model.eval(), payload.get("extra") or {}
+
+
+_INIT_FUNCTIONS = ("uniform_", "normal_", "trunc_normal_", "constant_", "ones_", "zeros_", "xavier_uniform_",
+                   "xavier_normal_", "kaiming_uniform_", "kaiming_normal_", "orthogonal_")
+
+
+@contextlib.contextmanager
+def without_random_init() -> Iterator[None]:
+    """Builds modules without drawing their random init (``torch.nn.init`` does nothing inside): for a model whose
+    every weight is loaded next, the init is wasted time (seconds to minutes at a billion parameters) and draws
+    from the caller's RNG stream."""
+    saved = {name: getattr(torch.nn.init, name) for name in _INIT_FUNCTIONS}
+    try:
+        for name in _INIT_FUNCTIONS:
+            setattr(torch.nn.init, name, lambda tensor, *args, **kwargs: tensor)
+        yield
+    finally:
+        for name, function in saved.items():
+            setattr(torch.nn.init, name, function)
 
 
 def tensors_from_bytes(data: bytes, where: str = "checkpoint") -> dict[str, Any]:

@@ -70,6 +70,42 @@ def write_bytes(path: str, data: bytes) -> None:
     fs.pipe_file(inner, data)
 
 
+def copy_file(source: str, destination: str, chunk_bytes: int = 16 << 20) -> int:
+    """Copies one file and returns the bytes that passed through this process: none where both ends are on one
+    object store (S3's server-side CopyObject), else the file streamed in chunks (never whole in memory); a local
+    destination appears atomically, as :func:`write_bytes` writes."""
+    src_fs, src = filesystem(source)
+    dst_fs, dst = filesystem(destination)
+    if not src_fs.exists(src):
+        raise FileNotFoundError(f"no such file: {source}")
+    if src_fs is dst_fs and not isinstance(dst_fs, LocalFileSystem):
+        dst_fs.copy(src, dst)
+        return 0
+    copied = 0
+    with src_fs.open(src, "rb") as reader:
+        if isinstance(dst_fs, LocalFileSystem):
+            parent = os.path.dirname(os.path.abspath(dst))
+            os.makedirs(parent, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
+            try:
+                with os.fdopen(fd, "wb") as writer:
+                    while block := reader.read(chunk_bytes):
+                        writer.write(block)
+                        copied += len(block)
+                os.chmod(tmp, 0o666 & ~_umask())
+                os.replace(tmp, dst)
+            except BaseException:
+                if os.path.exists(tmp):
+                    os.remove(tmp)
+                raise
+        else:
+            with dst_fs.open(dst, "wb") as writer:  # a multipart upload, published when it closes
+                while block := reader.read(chunk_bytes):
+                    writer.write(block)
+                    copied += len(block)
+    return copied
+
+
 def write_text(path: str, text: str) -> None:
     write_bytes(path, text.encode("utf-8"))
 

@@ -99,23 +99,36 @@ def measure_peak_flops(device: torch.device | str = "cpu", size: int = 512, seco
 
     Measured rather than assumed because CPU peaks depend on cores, SIMD width and what else is running. A busy
     moment reads low (and an MFU against it high), so the best of ``readings`` counts; ``shape`` ``(m, k, n)``
-    times the model's own matmul instead of a ``size`` square.
+    times the model's own matmul instead of a ``size`` square. On a GPU each reading is a batch of products
+    launched back to back between two CUDA events with one synchronisation at the end: a sync after every
+    product added its launch latency to each, so the peak read low and the MFU high.
     """
     m, k, n = shape or (size, size, size)
     a = torch.randn(m, k, device=device, dtype=dtype)
     b = torch.randn(k, n, device=device, dtype=dtype)
-    a @ b  # warm-up: first call pays for thread-pool and kernel selection
-    best = 0.0
-    for _ in range(readings):
-        count, start = 0, clock(device)
-        while True:
-            a @ b
-            count += 1
-            elapsed = clock(device) - start
-            if elapsed >= seconds:
-                best = max(best, 2.0 * m * k * n * count / elapsed)
-                break
-    return best
+    out = torch.empty(m, n, device=device, dtype=dtype)
+    cuda = torch.device(device).type == "cuda"
+
+    def timed(count: int) -> float:
+        if cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+        began = time.perf_counter()
+        for _ in range(count):
+            torch.matmul(a, b, out=out)
+        if not cuda:
+            return time.perf_counter() - began
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+
+    timed(2)  # warm-up: thread pool, kernel selection, clocks
+    count, elapsed = 1, timed(1)
+    while elapsed < seconds / 8 and count < 1 << 20:
+        count *= 4
+        elapsed = timed(count)
+    count = max(1, round(count * seconds / max(elapsed, 1e-9)))
+    return max(2.0 * m * k * n * count / timed(count) for _ in range(readings))
 
 
 def peak_memory_bytes(device: torch.device | str = "cpu") -> int:
@@ -164,3 +177,15 @@ def precision_choice(precision: str, device: torch.device | str = "cpu") -> tupl
         return "bf16", (f"WARNING: bf16 set, but this {device.type} has no {what}; expect it many times slower "
                         "than fp32 (precision: auto would pick fp32)")
     return precision, "set in the config"
+
+
+def gather_floats(values: Sequence[float], device: torch.device | str) -> list[list[float]]:
+    """Every rank's ``values`` (same length on each), on every rank; one collective. The tensor lives on the
+    worker's ``device``: NCCL, the process group Ray Train sets up on GPU workers, takes CUDA tensors only
+    (a CPU tensor here raised at the first checkpoint of every GPU run). Without a process group: ``[values]``."""
+    local = torch.tensor([float(v) for v in values], dtype=torch.float64, device=device)
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return [local.tolist()]
+    gathered = [torch.empty_like(local) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, local)
+    return [t.tolist() for t in gathered]

@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from dalle_core.checkpoint import SAFETENSORS_SUFFIX, load_model_with_extra, save_model
-from dalle_core.io import exists, read_bytes, write_bytes
+from dalle_core.io import copy_file, exists
 from pipelines import storage
 from pipelines.config import Config
 
@@ -41,11 +41,12 @@ def latest_checkpoint(runs_dir: str, run_name: str) -> str:
 
 
 def publish(checkpoint_dir: str, destination: str) -> str:
-    """Copies a checkpoint's model file to ``destination`` (atomically); returns ``destination``. A destination
-    not named ``*.safetensors`` gets the same model in the older ``torch.save`` format its name asks for."""
+    """Copies a checkpoint's model file, and nothing else of it, to ``destination`` (atomically; server-side where
+    both are on one object store); returns ``destination``. A destination not named ``*.safetensors`` gets the same
+    model in the older ``torch.save`` format its name asks for."""
     source = storage.join(checkpoint_dir, MODEL_FILE)
     if destination.endswith(SAFETENSORS_SUFFIX):
-        write_bytes(destination, read_bytes(source))
+        copy_file(source, destination)
     else:
         model, extra = load_model_with_extra(source)
         save_model(model, destination, extra=extra)

@@ -81,6 +81,10 @@ class TrainerConfig(Section):
     how often a failure is retried, the data loop, checkpoints and metrics. ``batch_size`` is per worker."""
 
     num_workers: int = bound(1, ge=1)
+    # Elastic training (Ray Train V2): > 0 lets the run start, and go on after losing a node, with as few as this
+    # many workers, growing back to num_workers as the cluster does; 0 runs exactly num_workers. A resize resumes the
+    # last checkpoint on the new number of workers (DALLE's ZeRO state is re-cut through a universal checkpoint).
+    min_workers: int = bound(0, ge=0)
     cpus_per_worker: float = bound(1.0, gt=0)
     use_gpu: bool = False
     # Extra custom resources per worker (e.g. {"worker_node": 1}) and the placement group strategy ("PACK" fills
@@ -104,6 +108,9 @@ class TrainerConfig(Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
 
     def check(self, name: str) -> None:
+        check(self.min_workers <= self.num_workers, f"{name}.min_workers",
+              f"must be <= {name}.num_workers={self.num_workers} (0: a fixed number of workers), "
+              f"got {self.min_workers}")
         check(self.precision != "fp16" or self.use_gpu, f"{name}.precision",
               "fp16 needs use_gpu: true (CPUs have no fp16 compute; use bf16, fp32 or auto)")
         for key, value in self.resources_per_worker.items():

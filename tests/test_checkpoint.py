@@ -148,3 +148,57 @@ def test_fsspec_urls_take_the_remote_branch() -> None:
     again = BPETokenizer.load("memory://tok/bpe.model", text_seq_len=8)
     assert again.model_hash == tok.model_hash == file_sha256("memory://tok/bpe.model")
     assert again.decode(again.encode(["A Blue square"])[0]) == "a blue square"
+
+
+def test_weights_in_hand_save_in_their_dtype_and_load_without_a_random_init(tmp_path: Path, monkeypatch) -> None:
+    """What a trainer writes from gathered weights (no model built to hold them): a bf16 file is half the bytes
+    and loads into the model's fp32 parameters; loading draws no random init and leaves the caller's RNG alone."""
+    from dalle_core.checkpoint import save_weights
+    from dalle_core.config import DALLEConfig
+    from dalle_core.dalle import DALLE
+
+    config = DALLEConfig(num_text_tokens=50, text_seq_len=6, num_image_tokens=20, image_fmap_size=3, dim=32,
+                         depth=2, heads=2, dim_head=16)
+    torch.manual_seed(0)
+    state = DALLE(config).state_dict()
+    fp32, bf16 = str(tmp_path / "fp32.safetensors"), str(tmp_path / "bf16.safetensors")
+    save_weights("DALLE", config, state, fp32, extra={"step": 4})
+    save_weights("DALLE", config, {k: v.bfloat16() for k, v in state.items()}, bf16, extra={"step": 4})
+    assert 0.45 < Path(bf16).stat().st_size / Path(fp32).stat().st_size < 0.55
+
+    draws = []
+    monkeypatch.setattr(torch.nn.init, "normal_", lambda t, *a, **k: draws.append(t.shape) or t)
+    rng = torch.get_rng_state()
+    exact, extra = load_model_with_extra(fp32)
+    rounded = load_model(bf16)
+    assert draws == [] and torch.equal(torch.get_rng_state(), rng) and extra == {"step": 4}
+    for name, value in state.items():
+        assert torch.equal(exact.state_dict()[name], value)
+        assert rounded.state_dict()[name].dtype == torch.float32
+        assert torch.equal(rounded.state_dict()[name], value.bfloat16().float())
+
+
+def test_remote_model_is_streamed_not_read_whole(s3_bucket: str, monkeypatch) -> None:
+    """An s3:// model goes through a local file (memory-mapped), never a whole-file read into memory."""
+    import dalle_core.checkpoint as checkpoint
+
+    torch.manual_seed(0)
+    model = DiscreteVAE(VAE_CONFIG)
+    url = f"{s3_bucket}/models/vae.safetensors"
+    save_model(model, url)
+    monkeypatch.setattr(checkpoint, "read_bytes", lambda path: pytest.fail(f"read whole: {path}"))
+    assert torch.equal(load_model(url).codebook.weight, model.codebook.weight)
+
+
+def test_copy_file_is_server_side_on_one_store_and_streams_elsewhere(s3_bucket: str, tmp_path: Path) -> None:
+    from dalle_core.io import copy_file, read_bytes, write_bytes
+
+    data = bytes(range(256)) * 4096  # 1 MiB, several chunks of 64 KiB
+    write_bytes(f"{s3_bucket}/a/model.safetensors", data)
+    assert copy_file(f"{s3_bucket}/a/model.safetensors", f"{s3_bucket}/b/model.safetensors") == 0  # CopyObject
+    assert read_bytes(f"{s3_bucket}/b/model.safetensors") == data
+    local = tmp_path / "down" / "model.safetensors"
+    assert copy_file(f"{s3_bucket}/b/model.safetensors", str(local), chunk_bytes=1 << 16) == len(data)
+    assert local.read_bytes() == data and [p.name for p in local.parent.iterdir()] == ["model.safetensors"]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        copy_file(f"{s3_bucket}/missing", str(tmp_path / "x"))

@@ -42,6 +42,7 @@ def test_overrides_are_dotted_and_validated():
         ({"dalle": {"text_seq_len": 99}}, r"dalle\.text_seq_len: is 99 but tokenizer\.text_seq_len is"),
         ({"dalle": {"num_image_tokens": 3}}, r"dalle\.num_image_tokens: is 3 but vae\.num_tokens is"),
         ({"sampling": {"top_images": 99}}, r"sampling\.top_images: must be in"),
+        ({"train": {"num_workers": 4, "min_workers": 8}}, r"train\.min_workers: must be <= train\.num_workers=4"),
     ],
 )
 def test_mistakes_name_the_field(tmp_path, data, message):

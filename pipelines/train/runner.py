@@ -38,10 +38,10 @@ import ray.train.torch
 import torch
 from fsspec.implementations.local import LocalFileSystem
 from ray.train import Checkpoint, CheckpointConfig, DataConfig, FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer
+from ray.train.torch import TorchConfig, TorchTrainer
 
 from dalle_core.checkpoint import load_model, save_model
-from dalle_core.train_utils import make_optimizer, make_scheduler, precision_choice
+from dalle_core.train_utils import gather_floats, make_optimizer, make_scheduler, precision_choice
 from pipelines import artifacts, storage
 from pipelines.cluster import report_resource_waits
 from pipelines.config import Config, InputError, TrainerConfig
@@ -61,6 +61,7 @@ class Progress:
     step: int = 0
     epoch: int = 0
     batches_in_epoch: int = 0
+    world: int = 0  # workers of the run that saved it (0: not recorded, checkpoints older than elastic resume)
 
 
 @dataclass
@@ -71,6 +72,14 @@ class WorkerContext:
     world: int
     device: torch.device
     precision: str  # resolved: fp32, bf16 or fp16
+    resume_world: int = 0  # workers of the run whose checkpoint this one resumes (0: a fresh run or the same)
+    node: str = ""  # the Ray node this worker runs on (placement is reported in the results)
+
+    @property
+    def resharding(self) -> bool:
+        """Whether this run resumes a checkpoint written by another number of workers (an elastic resize, or a
+        rerun with another ``num_workers``): state partitioned across the old workers must be re-cut."""
+        return self.resume_world not in (0, self.world)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         """bf16 autocast for trainers without DeepSpeed (weights and optimiser stay fp32)."""
@@ -89,8 +98,8 @@ class Task(Protocol):
     def describe(self) -> str:
         """One line for the start of the run (sizes, parallelism)."""
 
-    def load(self, folder: str, rank: int, progress: Progress) -> None:
-        """Restores the state :meth:`save` wrote (every rank reads the merged checkpoint folder)."""
+    def load(self, checkpoint: CheckpointReader, rank: int, progress: Progress) -> None:
+        """Restores the state :meth:`save` wrote, fetching only the files this rank needs from ``checkpoint``."""
 
     def train_step(self, batch: dict[str, np.ndarray], progress: Progress) -> tuple[dict[str, torch.Tensor], bool]:
         """One micro-batch. Returns scalar sums to add to the interval metrics, kept on the device (no sync per
@@ -129,6 +138,20 @@ def require_rows(config: Config, section: TrainerConfig, rows: int) -> None:
                          f"at least {need} training rows, but the data set has {rows}")
 
 
+def process_group_backend(use_gpu: bool) -> str:
+    """The torch.distributed backend of the workers' process group. On GPUs NCCL carries CUDA tensors and gloo any
+    CPU tensor a collective is handed (an object gather, a counter), instead of NCCL raising on it: a CPU float in
+    the first checkpoint's all_gather killed every GPU run, and every retry, at that step."""
+    return "cpu:gloo,cuda:nccl" if use_gpu else "gloo"
+
+
+def worker_count(section: TrainerConfig) -> int | tuple[int, int]:
+    """Ray Train's ``num_workers``: fixed, or elastic ``(min_workers, num_workers)``: the run starts with what the
+    cluster has (at least ``min_workers``), grows as nodes join and, after losing a node, resumes its last checkpoint
+    on fewer workers instead of waiting for a replacement (Ray Train V2)."""
+    return (section.min_workers, section.num_workers) if section.min_workers else section.num_workers
+
+
 def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilder, *, dataset: ray.data.Dataset,
                   storage_path: str, run_name: str, rows: int | None = None,
                   task_kwargs: dict[str, Any] | None = None, job_start: float | None = None) -> TorchTrainer:
@@ -150,7 +173,8 @@ def build_trainer(config: Config, section: TrainerConfig, build_task: TaskBuilde
     return TorchTrainer(
         train_worker,
         train_loop_config=loop_config,
-        scaling_config=ScalingConfig(num_workers=section.num_workers, use_gpu=section.use_gpu,
+        torch_config=TorchConfig(backend=process_group_backend(section.use_gpu)),
+        scaling_config=ScalingConfig(num_workers=worker_count(section), use_gpu=section.use_gpu,
                                      resources_per_worker=worker_resources(section),
                                      placement_strategy=section.placement_strategy),
         run_config=RunConfig(
@@ -185,9 +209,13 @@ def fit_and_publish(trainer: TorchTrainer, destination: str) -> Result:
     if step < max_steps:  # aborted without an exception: keep the checkpoint, publish nothing
         raise KeyboardInterrupt(f"stopped at step {step} of {max_steps}; rerun with the same run name to resume "
                                 f"{_resumes_from(loop_config)}")
-    with result.checkpoint.as_directory() as folder:
-        artifacts.publish(folder, destination)
+    artifacts.publish(checkpoint_url(result.checkpoint, loop_config["run_dir"]), destination)
     return result
+
+
+def checkpoint_url(checkpoint: Checkpoint, run_dir: str) -> str:
+    """Where ``checkpoint`` lives as a path or fsspec URL (Ray holds it as a pyarrow filesystem and a bare path)."""
+    return storage.join(run_dir, storage.basename(checkpoint.path))
 
 
 def _resumes_from(loop_config: dict[str, Any]) -> str:
@@ -197,9 +225,63 @@ def _resumes_from(loop_config: dict[str, Any]) -> str:
 
 
 def read_checkpoint_json(result: Result, name: str) -> dict[str, Any]:
-    """A JSON file a task wrote into the run's last checkpoint."""
-    with result.checkpoint.as_directory() as folder, open(os.path.join(folder, name)) as f:
-        return json.load(f)
+    """A JSON file a task wrote into the run's last checkpoint (that file alone is read)."""
+    checkpoint = result.checkpoint
+    with checkpoint.filesystem.open_input_stream(f"{checkpoint.path}/{name}") as f:
+        return json.loads(f.read())
+
+
+class CheckpointReader:
+    """One checkpoint as one rank reads it: a file is fetched when asked for (local storage is read in place),
+    never the whole folder, and the bytes read are counted. A resuming rank of a sharded run thus reads the shared
+    files and its own shards, not every rank's (Ray's ``as_directory`` downloads the whole checkpoint, DeepSpeed
+    shards of every rank included, on every worker)."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.fs, self.root = storage.filesystem(url)
+        self.is_local = isinstance(self.fs, LocalFileSystem)
+        self.local = self.root if self.is_local else tempfile.mkdtemp(prefix="dalle-resume-")
+        self.bytes_read = 0
+        self.names: list[str] = []
+        self.refresh()
+
+    def refresh(self) -> None:
+        """Lists every file of the checkpoint, relative to it (a listing reads no file): again after another rank
+        added to it."""
+        prefix = self.root.rstrip("/") + "/"
+        self.names = sorted(p[len(prefix):] for p in self.fs.find(self.root) if p.startswith(prefix))
+
+    def path(self, name: str) -> str:
+        """The local path of file ``name`` (relative to the checkpoint), fetched first where the store is remote."""
+        local = os.path.join(self.local, name)
+        self.bytes_read += self.fs.size(f"{self.root}/{name}")
+        if not self.is_local:
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            self.fs.get_file(f"{self.root}/{name}", local)
+        return local
+
+    def folder(self, prefix: str, keep: Callable[[str], bool] = lambda name: True) -> str:
+        """The local folder ``prefix`` with every file under it that ``keep`` accepts (its name relative to the
+        checkpoint) fetched."""
+        for name in self.names:
+            if name.startswith(prefix.rstrip("/") + "/") and keep(name):
+                self.path(name)
+        return os.path.join(self.local, prefix)
+
+    def add_folder(self, local_folder: str, prefix: str) -> None:
+        """Writes a folder made on this worker into the checkpoint under ``prefix`` (a derived form of its state
+        that other ranks, and later resumes, read instead of making it again)."""
+        if self.is_local:
+            if os.path.abspath(local_folder) != os.path.abspath(os.path.join(self.local, prefix)):
+                shutil.copytree(local_folder, os.path.join(self.local, prefix), dirs_exist_ok=True)
+        else:
+            self.fs.put(local_folder.rstrip("/") + "/", f"{self.root}/{prefix}", recursive=True)
+        self.refresh()
+
+    def close(self) -> None:
+        if not self.is_local:
+            shutil.rmtree(self.local, ignore_errors=True)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -309,9 +391,9 @@ class DDPTask:
     def describe(self) -> str:
         return f"params={sum(p.numel() for p in self.module.parameters())}"
 
-    def load(self, folder: str, rank: int, progress: Progress) -> None:
-        self.module.load_state_dict(load_model(os.path.join(folder, artifacts.MODEL_FILE)).state_dict())
-        state = torch.load(os.path.join(folder, OPTIMIZER_FILE), weights_only=True)
+    def load(self, checkpoint: CheckpointReader, rank: int, progress: Progress) -> None:
+        self.module.load_state_dict(load_model(checkpoint.path(artifacts.MODEL_FILE)).state_dict())
+        state = torch.load(checkpoint.path(OPTIMIZER_FILE), weights_only=True)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
@@ -354,23 +436,45 @@ def _pause_hook(spec: str, step: int, rank: int) -> None:
         time.sleep(600)
 
 
-def _load(checkpoint: Checkpoint, task: Task, rank: int) -> Progress:
-    with checkpoint.as_directory() as folder:
-        with open(os.path.join(folder, PROGRESS_FILE)) as f:
-            progress = Progress(**json.load(f))
-        task.load(folder, rank, progress)
-        rng = os.path.join(folder, "rng", f"rank_{rank}.pt")
-        if os.path.exists(rng):  # absent when resuming with more workers than saved
-            torch.set_rng_state(torch.load(rng, weights_only=True))
+def rng_state(device: torch.device) -> dict[str, torch.Tensor]:
+    """This process's RNG streams: the CPU's and, on an accelerator, the device's (caption dropout and the dVAE's
+    Gumbel noise draw on the device, so an exact resume on a GPU needs its generator too)."""
+    state = {"cpu": torch.get_rng_state()}
+    if device.type != "cpu":
+        state[device.type] = torch.get_device_module(device.type).get_rng_state(device)
+    return state
+
+
+def set_rng_state(state: dict[str, torch.Tensor] | torch.Tensor, device: torch.device) -> None:
+    """Restores :func:`rng_state` (a bare tensor: a checkpoint from before device streams were saved)."""
+    state = state if isinstance(state, dict) else {"cpu": state}
+    torch.set_rng_state(state["cpu"])
+    if device.type != "cpu" and device.type in state:
+        torch.get_device_module(device.type).set_rng_state(state[device.type], device)
+
+
+def read_progress(checkpoint: CheckpointReader) -> Progress:
+    with open(checkpoint.path(PROGRESS_FILE)) as f:
+        return Progress(**json.load(f))
+
+
+def _load(checkpoint: CheckpointReader, task: Task, worker: WorkerContext, progress: Progress) -> Progress:
+    task.load(checkpoint, worker.rank, progress)
+    rng = f"rng/rank_{worker.rank}.pt"
+    if rng in checkpoint.names and not worker.resharding:  # another world: another split of the data anyway
+        set_rng_state(torch.load(checkpoint.path(rng), weights_only=True), worker.device)
+    if worker.resharding:  # the same share of the epoch's samples skipped, cut into this world's batches
+        progress.batches_in_epoch = progress.batches_in_epoch * progress.world // worker.world
     return progress
 
 
-def _save(task: Task, progress: Progress, writer: MetricsWriter | None, rank: int, final: bool) -> None:
+def _save(task: Task, progress: Progress, writer: MetricsWriter | None, worker: WorkerContext, final: bool) -> None:
     """Every rank writes its part into its own folder; Ray Train merges them into one checkpoint."""
+    rank = worker.rank
     folder = tempfile.mkdtemp(prefix=f"{task.name}-ckpt-{rank}-")
     try:
         os.makedirs(os.path.join(folder, "rng"))
-        torch.save(torch.get_rng_state(), os.path.join(folder, "rng", f"rank_{rank}.pt"))
+        torch.save(rng_state(worker.device), os.path.join(folder, "rng", f"rank_{rank}.pt"))
         metrics = task.save(folder, rank, progress, final)
         if rank == 0:
             with open(os.path.join(folder, PROGRESS_FILE), "w") as f:
@@ -390,6 +494,10 @@ def log(line: str) -> None:
     sys.stdout.flush()
 
 
+def _megabytes(values: list[int]) -> str:
+    return "/".join(f"{v / 1e6:.1f}" for v in values)
+
+
 def _format(record: dict[str, Any], keys: tuple[str, ...]) -> str:
     return " ".join(f"{k} {record[k]:.4g}" if isinstance(record[k], float) else f"{k} {record[k]}" for k in keys
                     if k in record)
@@ -402,20 +510,33 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     device = ray.train.torch.get_device() if section.use_gpu else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)  # NCCL object collectives run on the current device
     precision, why = precision_choice(section.precision, device)
-    worker = WorkerContext(rank, world, device, precision)
-    checkpoint = ray.train.get_checkpoint()
+    found = ray.train.get_checkpoint()
+    checkpoint = CheckpointReader(checkpoint_url(found, loop_config["run_dir"])) if found is not None else None
+    progress = read_progress(checkpoint) if checkpoint is not None else Progress()
+    worker = WorkerContext(rank, world, device, precision, resume_world=progress.world,
+                           node=ray.get_runtime_context().get_node_id())
     # The run's own checkpoint wins over init_from: a killed fine-tune resumes, it never restarts from the init.
     init = load_model(section.init_from).state_dict() if section.init_from and checkpoint is None else None
     torch.manual_seed(section.seed)
     task = loop_config["build_task"](loop_config["config"], worker, init=init, **loop_config["task_kwargs"])
     torch.manual_seed(section.seed + 1 + rank)  # same weights everywhere, but each rank its own noise and dropout
-    progress = _load(checkpoint, task, rank) if checkpoint is not None else Progress()
+    resumed: dict[str, Any] = {}
+    if checkpoint is not None:
+        _load(checkpoint, task, worker, progress)
+        resumed = {"resume_read_bytes_per_worker": [int(b) for (b,) in gather_floats([checkpoint.bytes_read], device)],
+                   "resume_world": worker.resume_world or world}
+        checkpoint.close()
+    progress.world = world
     start_step = progress.step
     writer = MetricsWriter(loop_config["run_dir"], task.name) if rank == 0 else None
     if rank == 0:
         log(f"[{task.name}] world={world} precision={worker.precision} ({why}) start_step={start_step} "
-            f"epoch={progress.epoch} {task.describe()}{f' init_from={section.init_from}' if init is not None else ''}")
+            f"epoch={progress.epoch} {task.describe()}{f' init_from={section.init_from}' if init is not None else ''}"
+            + (f" resumed from {resumed['resume_world']} workers, read "
+               f"{_megabytes(resumed['resume_read_bytes_per_worker'])} MB per worker" if resumed else ""))
 
     sums = IntervalSums(device)
     interval_start, interval_steps, first_step_after = time.perf_counter(), 0, None
@@ -436,13 +557,14 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             totals = sums.reduce()
             record = {"step": progress.step, "epoch": progress.epoch, "start_step": start_step,
                       **task.interval_record(totals, interval_steps, time.perf_counter() - interval_start),
-                      "first_step_after_s": first_step_after}
+                      "first_step_after_s": first_step_after, **resumed}
+            resumed = {}  # the first record after a resume says what it read
             if writer is not None:
                 writer.write(record)
                 log(f"[{task.name}] step {progress.step}/{section.max_steps} {_format(record, task.log_keys)}")
             interval_start, interval_steps = time.perf_counter(), 0
         task.after_step(progress)
         if progress.step % section.checkpoint_every == 0 or final:
-            _save(task, progress, writer, rank, final)
+            _save(task, progress, writer, worker, final)
     if writer is not None:
         writer.close()
