@@ -3,7 +3,9 @@
 Text: token + learned position embeddings, a pre-norm transformer whose attention ignores pad tokens, then
 the mean over non-pad tokens. Image: ViT-style patches plus a class token. Both are projected to
 ``dim_latent`` and L2-normalised; a learned temperature scales the cosine similarities, and the loss is the
-symmetric cross-entropy over the in-batch similarity matrix.
+symmetric cross-entropy over the similarity matrix of the global batch: under torch.distributed every rank's
+rows are scored against the latents of all ranks (:func:`contrastive_loss`), as CLIP and open_clip train,
+since the negatives a row sees are what the contrastive loss learns from.
 
 Anything with ``score(text_ids, images, captions) -> Tensor[B]`` is a :class:`Scorer`: callers pass our BPE ids
 and the same texts as strings, so a pretrained CLIP with a tokenizer of its own (``dalle_core.openclip``) reads
@@ -16,6 +18,8 @@ import math
 from typing import Protocol, runtime_checkable
 
 import torch
+import torch.distributed as dist
+import torch.distributed.nn.functional as dist_nn
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -114,16 +118,16 @@ class CLIP(nn.Module):
     def temperature_scale(self) -> Tensor:
         return self.logit_scale.clamp(max=math.log(100)).exp()
 
-    def forward(self, text_ids: Tensor, images: Tensor, return_loss: bool = False) -> Tensor:
+    def forward(self, text_ids: Tensor, images: Tensor, return_loss: bool = False, valid: Tensor | None = None
+                ) -> Tensor:
         """Scaled cosine similarity per (text, image) row pair ``[B]``; with ``return_loss`` the symmetric
-        contrastive loss over the batch (row i's text matches row i's image, every other row is a negative)."""
+        contrastive loss over the global batch (:func:`contrastive_loss`; rows where ``valid`` is False take no
+        part). Under torch.distributed every rank must call it with the same ``B``: it gathers collectively."""
         text, image = self.encode_text(text_ids), self.encode_image(images)
         scale = self.temperature_scale()
         if not return_loss:
             return scale * (text * image).sum(-1)
-        logits = scale * text @ image.t()
-        labels = torch.arange(logits.shape[0], device=logits.device)
-        return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
+        return contrastive_loss(text, image, scale, valid)
 
     @torch.no_grad()
     def score(self, text_ids: Tensor, images: Tensor, captions: list[str] | None = None) -> Tensor:
@@ -135,3 +139,35 @@ class CLIP(nn.Module):
             return (self.encode_text(text_ids) * self.encode_image(images)).sum(-1)
         finally:
             self.train(was_training)
+
+
+def _gather(x: Tensor) -> Tensor:
+    """Every rank's ``x`` stacked in rank order; gradients flow back to each rank's own rows."""
+    return torch.cat(dist_nn.all_gather(x))
+
+
+def contrastive_loss(text: Tensor, image: Tensor, scale: Tensor, valid: Tensor | None = None) -> Tensor:
+    """Symmetric cross-entropy of text and image latents ``[B, D]`` (row i's text matches row i's image, every
+    other pair of the global batch is a negative); rows with ``valid`` False (pictures that failed to decode,
+    kept so every rank has the same ``B``) are neither scored nor negatives.
+
+    With torch.distributed initialised and world > 1 this is open_clip's "local loss": this rank's rows against
+    the latents gathered from every rank (labels offset by ``rank * B``), gathered with gradients. The value is
+    this rank's share of the global loss, scaled by ``world`` so that the mean over ranks (what the metrics
+    report) is the loss of one worker with the whole global batch, and DDP's averaging of the gradients gives
+    that worker's gradient. Needs no host sync."""
+    n = text.shape[0]
+    valid = torch.ones(n, dtype=torch.bool, device=text.device) if valid is None else valid.bool()
+    world, offset, all_text, all_image, all_valid = 1, 0, text, image, valid
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        world, offset = dist.get_world_size(), dist.get_rank() * n
+        all_text, all_image = _gather(text), _gather(image)
+        all_valid = _gather(valid.to(text.dtype)) > 0  # the mask needs no gradient; gathered as floats
+    labels = torch.where(valid, torch.arange(n, device=text.device) + offset, -100)  # -100: ignored rows
+    text_logits, image_logits = scale * text @ all_image.t(), scale * image @ all_text.t()
+    floor = torch.finfo(text_logits.dtype).min
+    text_logits = text_logits.masked_fill(~all_valid, floor)
+    image_logits = image_logits.masked_fill(~all_valid, floor)
+    summed = F.cross_entropy(text_logits, labels, reduction="sum") + F.cross_entropy(image_logits, labels,
+                                                                                     reduction="sum")
+    return summed / 2 * world / all_valid.sum().clamp(min=1)

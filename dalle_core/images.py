@@ -21,7 +21,24 @@ def to_uint8(images: Tensor) -> np.ndarray:
 
 def from_uint8(images: np.ndarray) -> Tensor:
     """uint8 ``[..., H, W, C]`` -> float ``[..., C, H, W]`` in [0, 1]."""
-    return torch.from_numpy(np.require(images, requirements=["C", "W"])).movedim(-1, -3).float() / 255
+    return uint8_to_device(images, torch.device("cpu"))
+
+
+def host_to_device(data: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """``data`` on ``device``; to a GPU from pinned memory without blocking, so the copy overlaps the host's work
+    on the next batch instead of stalling it (the CUDA caching host allocator keeps the pinned buffer alive until
+    the copy is done). A read-only array (what Ray hands out) is copied first, as ``torch.from_numpy`` needs."""
+    tensor = torch.from_numpy(np.require(data, requirements=["C", "W"])) if isinstance(data, np.ndarray) else data
+    if device.type == "cuda":
+        return tensor.pin_memory().to(device, non_blocking=True)
+    return tensor.to(device)
+
+
+def uint8_to_device(images: np.ndarray | Tensor, device: torch.device) -> Tensor:
+    """:func:`from_uint8` on ``device``: the uint8 pixels cross to the device (a quarter of the float bytes) and
+    are converted and permuted there, not on the host in lockstep with the accelerator. Same values and layout
+    (strides) as :func:`from_uint8`."""
+    return host_to_device(images, device).movedim(-1, -3).float() / 255
 
 
 def png_bytes(image: np.ndarray) -> bytes:

@@ -153,8 +153,16 @@ def codebook_usage(codes: Tensor, num_tokens: int) -> dict:
         raise ValueError("codebook_usage needs at least one code")
     if codes.min() < 0 or codes.max() >= num_tokens:
         raise ValueError(f"codes must lie in [0, {num_tokens}), got [{int(codes.min())}, {int(codes.max())}]")
-    histogram = torch.bincount(codes, minlength=num_tokens)
-    probs = histogram[histogram > 0].double() / codes.numel()
+    return histogram_usage(torch.bincount(codes, minlength=num_tokens))
+
+
+def histogram_usage(histogram: Tensor) -> dict:
+    """:func:`codebook_usage` from the per-code counts ``[num_tokens]``: what a trainer keeps on the device
+    (a running histogram, no per-step copy of the codes to the host) and reads once per log interval."""
+    histogram = torch.as_tensor(histogram).detach().cpu().long()
+    if histogram.sum() == 0:
+        raise ValueError("codebook_usage needs at least one code")
+    probs = histogram[histogram > 0].double() / histogram.sum()
     perplexity = float(torch.exp(-(probs * probs.log()).sum()))
     return {
         "perplexity": perplexity,

@@ -61,6 +61,16 @@ def test_forward_and_score_interfaces() -> None:
     assert isinstance(ConstantScorer(), Scorer)
 
 
+def test_rows_marked_invalid_count_as_if_they_were_not_in_the_batch() -> None:
+    torch.manual_seed(0)
+    model = CLIP(tiny_config())
+    text, images = colour_batch(torch.arange(6), torch.Generator().manual_seed(0))
+    valid = torch.tensor([True, False, True, True, False, True])
+    masked = model(text, images, return_loss=True, valid=valid)
+    torch.testing.assert_close(masked, model(text[valid], images[valid], return_loss=True))
+    assert model(text, images, return_loss=True, valid=torch.zeros(6, dtype=torch.bool)) == 0  # nothing to learn
+
+
 def test_bad_inputs_raise_clear_errors() -> None:
     model = CLIP(tiny_config())
     with pytest.raises(ValueError, match=r"text_ids must be \[B, <= 6\]"):
@@ -97,3 +107,55 @@ def test_tiny_clip_learns_toy_pairs_and_ranks_the_match_first() -> None:
     for i in range(8):
         scores = model.score(eval_text[i : i + 1].expand(8, -1), eval_images)
         assert scores.argmax().item() == i
+
+
+def _loss_and_grads(model: CLIP, text: torch.Tensor, images: torch.Tensor, valid: torch.Tensor | None
+                    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    loss = model(text, images, return_loss=True, valid=valid)
+    loss.backward()
+    return loss.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
+
+
+def _global_batch_worker(rank: int, world: int, port: int, batch: int) -> None:
+    """One gloo rank: the references (one worker, the whole batch) before the process group exists, then DDP on
+    this rank's rows; the mean of the ranks' losses and DDP's averaged gradients must match them."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    model = CLIP(tiny_config())
+    text, images = colour_batch(torch.arange(world * batch) % 8, torch.Generator().manual_seed(1))
+    valid = torch.ones(world * batch, dtype=torch.bool)
+    valid[[1, batch + 2]] = False  # a rejected picture on each rank: neither scored nor a negative
+    masks = (None, valid)
+    references = [_loss_and_grads(model, text, images, mask) for mask in masks]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    try:
+        ddp = DistributedDataParallel(model)
+        rows = slice(rank * batch, (rank + 1) * batch)
+        for mask, (want_loss, want_grads) in zip(masks, references, strict=True):
+            ddp.zero_grad(set_to_none=True)
+            loss = ddp(text[rows], images[rows], return_loss=True, valid=None if mask is None else mask[rows])
+            loss.backward()  # DDP averages the gradients over the ranks
+            mean_loss = loss.detach().clone()
+            dist.all_reduce(mean_loss)
+            torch.testing.assert_close(mean_loss / world, want_loss, rtol=1e-4, atol=1e-6)
+            for name, p in model.named_parameters():
+                torch.testing.assert_close(p.grad, want_grads[name], rtol=1e-4, atol=1e-6, msg=name)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_loss_and_gradients_cover_the_global_batch_under_ddp() -> None:
+    """Two gloo ranks of batch 4 give one worker's loss and gradients for batch 8 (today's per-rank loss would
+    see only 3 negatives per row, not 7): CLIP learns from the negatives of the whole global batch."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_global_batch_worker, args=(2, port, 4), nprocs=2, join=True)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 from _eval_artifacts import build_artifacts, tiny_config
@@ -12,9 +14,13 @@ from conftest import sigkill_paused_worker, start_ray_with_state_api
 from dalle_core.checkpoint import load_model_with_extra
 from dalle_core.clip import CLIP
 from dalle_core.metrics import retrieval_accuracy
+from dalle_core.tokenizer import BPETokenizer
+from pipelines import storage
 from pipelines.config import InputError
 from pipelines.data import synthetic
-from pipelines.train.clip import is_heldout, metrics_path, train_clip
+from pipelines.data.raw import list_raw_shards, raw_table
+from pipelines.train import clip as clip_job
+from pipelines.train.clip import is_heldout, load_pairs, metrics_path, train_clip
 from pipelines.train.runner import PAUSE_ENV
 
 
@@ -105,3 +111,79 @@ def test_train_clip_rejects_a_tokenizer_larger_than_the_model(tmp_path, ray_clus
     with pytest.raises(InputError, match="clip.num_text_tokens"):
         train_clip(small, raw=str(tmp_path), tokenizer_path=config.paths.resolved().tokenizer,
                    storage_path=str(tmp_path / "runs"), run_name="clip", output=str(tmp_path / "c.pt"))
+
+
+def bad_rows(fraction: float) -> list[dict]:
+    """One undecodable picture, one upstream failure and one empty caption in each split."""
+    keys = [f"bad{i}" for i in range(200)]
+    held = [k for k in keys if is_heldout(k, fraction)][:3]
+    kept = [k for k in keys if not is_heldout(k, fraction)][:3]
+    rows = []
+    for trio in (held, kept):
+        rows += [{"key": trio[0], "caption": "a red square", "jpg": b"not a picture", "status": "success"},
+                 {"key": trio[1], "caption": "a red square", "jpg": None, "status": "failed_to_download"},
+                 {"key": trio[2], "caption": "", "jpg": None, "status": "success"}]
+    return [{**row, "source": "test"} for row in rows]
+
+
+def test_decode_pairs_decodes_only_its_split_and_flags_rejects(workspace, monkeypatch):
+    """No Ray: the UDF picks its split by key before decoding a picture, and keeps unusable rows flagged."""
+    root, config = workspace
+    paths = config.paths.resolved()
+    good = storage.read_parquet(list_raw_shards(paths.raw)[0]).slice(0, 40)
+    table = pa.concat_tables([good.select(clip_job.RAW_COLUMNS),
+                              raw_table(bad_rows(0.2)).select(clip_job.RAW_COLUMNS).cast(
+                                  good.select(clip_job.RAW_COLUMNS).schema)])
+    decoded = []
+    real = clip_job.load_picture
+    monkeypatch.setattr(clip_job, "load_picture", lambda data, *a, **k: decoded.append(data) or real(data, *a, **k))
+    tokenizer = BPETokenizer.load(paths.tokenizer, config.tokenizer.text_seq_len)
+    kwargs = {"tokenizer": tokenizer, "image_size": 16, "channels": 3, "eval_fraction": 0.2}
+    for heldout in (True, False):
+        decoded.clear()
+        out = clip_job.decode_pairs(table, heldout=heldout, **kwargs)
+        want = [k for k in table.column("key").to_pylist() if is_heldout(k, 0.2) == heldout]
+        assert list(out["key"]) == want and out["pixels"].shape == (len(want), 16, 16, 3)
+        assert len(decoded) == sum(1 for k in want if not k.startswith("bad")) + 1  # + the undecodable one
+        assert [k for k, ok in zip(out["key"], out["ok"], strict=True) if not ok] == [k for k in want
+                                                                                      if k.startswith("bad")]
+        assert not out["pixels"][~out["ok"]].any() and not out["text_ids"][~out["ok"]].any()
+
+
+def plan_chain(dataset) -> list[str]:
+    """The operators of a dataset's plan back to its source: a Parquet read when it streams from the shards, a
+    block list when it was materialised."""
+    op, names = dataset._logical_plan.dag, []
+    while True:
+        names.append(op.name)
+        if not op.input_dependencies:
+            return names
+        op = op.input_dependencies[0]
+
+
+def test_load_pairs_streams_training_and_holds_only_the_capped_heldout_rows(workspace, ray_cluster, tmp_path):
+    """load_pairs decodes no training picture: the stream starts at the Parquet files (today's decoded and
+    materialised set starts at blocks); the eval set holds only held-out rows, at most eval_max_rows; rejects
+    stay countable in both splits."""
+    root, config = workspace
+    paths = config.paths.resolved()
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for shard in list_raw_shards(paths.raw):
+        (raw / storage.basename(shard)).write_bytes(open(shard, "rb").read())
+    # read first (the held-out pass keeps the files' order), so the capped pass meets the held-out rejects
+    storage.write_parquet(raw_table(bad_rows(0.2)), str(raw / "part-00000-bad.parquet"))
+    assert list_raw_shards(str(raw))[0].endswith("part-00000-bad.parquet")
+    tokenizer = BPETokenizer.load(paths.tokenizer, config.tokenizer.text_seq_len)
+    keys = [k for shard in list_raw_shards(str(raw)) for k in storage.read_parquet(shard).column("key").to_pylist()]
+    bad = [r["key"] for r in bad_rows(0.2)]
+    capped = tiny_config(root, **CLIP_RUN, **{"train_clip.eval_max_rows": 8})
+    train, heldout, counts = load_pairs(capped, str(raw), tokenizer)
+    chain = plan_chain(train)
+    assert any("Parquet" in name for name in chain) and not any("InputData" in name for name in chain), chain
+    assert len(heldout["key"]) == counts["heldout_pairs"] == 8 == len(heldout["pixels"])
+    assert all(is_heldout(k, 0.2) and k not in bad for k in heldout["key"])
+    assert np.all(heldout["pixels"].reshape(8, -1).any(axis=1)) and counts["heldout_rejected"] == 3
+    flags = train.select_columns(["key", "ok"]).to_pandas()  # the stream, decoded now: every training row, once
+    assert counts["train_pairs"] == sum(not is_heldout(k, 0.2) for k in keys) == len(flags) == flags.key.nunique()
+    assert sorted(flags.key[~flags.ok]) == sorted(k for k in bad if not is_heldout(k, 0.2))

@@ -15,12 +15,14 @@ from conftest import sigkill_paused_worker, start_ray_with_state_api
 from PIL import Image
 
 from dalle_core.checkpoint import load_model_with_extra
-from dalle_core.vae import DiscreteVAE
+from dalle_core.images import from_uint8, uint8_to_device
+from dalle_core.vae import DiscreteVAE, codebook_usage, histogram_usage
 from pipelines import storage
 from pipelines.config import Config
 from pipelines.data.raw import raw_table
 from pipelines.data.synthetic import write_synthetic
 from pipelines.train.runner import PAUSE_ENV
+from pipelines.train.vae import _good_rows
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "jobs"))
@@ -114,3 +116,32 @@ def test_missing_raw_shards_fail_before_ray(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert train_vae_job.main(["--input", str(tmp_path / "empty"), "--storage-path", str(tmp_path)]) == 2
     assert "no raw Parquet shards" in capsys.readouterr().err
+
+
+def test_pixels_converted_on_the_device_match_the_host_path_exactly():
+    rng = np.random.default_rng(0)
+    pixels = rng.integers(0, 256, (5, 6, 7, 3), dtype=np.uint8)
+    readonly = pixels.copy()
+    readonly.flags.writeable = False  # what Ray hands a step
+    for images in (pixels, readonly, pixels[::2], pixels[0]):
+        old = torch.from_numpy(np.require(images, requirements=["C", "W"])).movedim(-1, -3).float() / 255
+        new = uint8_to_device(images, torch.device("cpu"))
+        assert torch.equal(new, old) and new.stride() == old.stride() and new.dtype == old.dtype
+        assert torch.equal(uint8_to_device(torch.from_numpy(images.copy()), torch.device("cpu")), old)
+        assert torch.equal(from_uint8(images), old)
+    ok = np.array([False, True, False, True, True])
+    images, weight = _good_rows(pixels, ok, torch.device("cpu"))
+    assert weight == 1.0 and torch.equal(images, from_uint8(pixels)[[1, 3, 4, 1, 3]])  # rejects -> good rows
+    assert _good_rows(pixels, np.zeros(5, dtype=bool), torch.device("cpu"))[1] == 0.0
+
+
+def test_codebook_usage_from_the_device_histogram_equals_the_codes_path():
+    codes = [torch.randint(0, 12, (4, 16), generator=torch.Generator().manual_seed(s)) for s in range(3)]
+    counts = torch.zeros(32, dtype=torch.long)
+    for step in codes:  # what VAETask.train_step accumulates each step
+        flat = step.flatten()
+        counts.index_add_(0, flat, torch.ones_like(flat))
+    assert histogram_usage(counts) == codebook_usage(torch.cat(codes), 32)
+    assert histogram_usage(counts)["dead_codes"] >= 20
+    with pytest.raises(ValueError, match="at least one code"):
+        histogram_usage(torch.zeros(32, dtype=torch.long))

@@ -35,7 +35,7 @@ from torch import nn
 
 from dalle_core.checkpoint import model_from_bytes
 from dalle_core.config import IMAGE_TOKENIZER_KINDS, ConfigError, VAEConfig
-from dalle_core.images import from_uint8
+from dalle_core.images import uint8_to_device
 from dalle_core.tokenizer import BPETokenizer, normalize_caption
 from pipelines import storage
 from pipelines.config import InputError, PretokenizeConfig
@@ -214,7 +214,7 @@ class DVAEEncoder:
         codes = np.zeros((n, self.seq_len), dtype=np.uint16)
         if ok.any():
             flat = batch.column(_PIXELS_COL).combine_chunks().flatten().to_numpy()
-            images = from_uint8(flat.reshape(n, *self.shape)[ok]).to(self.device)
+            images = uint8_to_device(flat.reshape(n, *self.shape)[ok], self.device)  # converted there
             codes[ok] = self.model.get_codebook_indices(images).cpu().numpy().astype(np.uint16)
         batch = batch.drop_columns([_PIXELS_COL])
         return batch.append_column("image_codes",

@@ -17,9 +17,9 @@ import torch
 from ray.train import Result
 
 from dalle_core.checkpoint import load_model
-from dalle_core.images import from_uint8, make_grid, png_bytes, to_uint8
+from dalle_core.images import make_grid, png_bytes, to_uint8, uint8_to_device
 from dalle_core.train_utils import annealed_temperature
-from dalle_core.vae import DiscreteVAE, codebook_usage
+from dalle_core.vae import DiscreteVAE, histogram_usage
 from pipelines import artifacts, storage
 from pipelines.config import Config
 from pipelines.data.checker import dvae_reconstruction, has_ground_truth
@@ -56,12 +56,12 @@ class LossParts(torch.nn.Module):
 
 
 def _good_rows(pixels: np.ndarray, ok: np.ndarray, device: torch.device) -> tuple[torch.Tensor, float]:
-    """Images in [0, 1] with rejected rows replaced by good ones of the same batch; weight 0 if none is good."""
-    images = from_uint8(pixels).to(device)
+    """Images in [0, 1] on ``device`` with rejected rows replaced by good ones of the same batch (picked on the
+    host, in uint8); weight 0 if none is good."""
     good = np.flatnonzero(ok)
     if len(good) == 0:
-        return images, 0.0
-    return images[torch.from_numpy(good[np.arange(len(ok)) % len(good)]).to(device)], 1.0
+        return uint8_to_device(pixels, device), 0.0
+    return uint8_to_device(pixels[good[np.arange(len(ok)) % len(good)]], device), 1.0
 
 
 class VAETask(DDPTask):
@@ -76,7 +76,8 @@ class VAETask(DDPTask):
         super().__init__(self.vae, LossParts(self.vae), config.train_vae, worker, init,
                          find_unused_parameters=config.train_vae.decoder_finetune_steps > 0)  # the frozen encoder
         self.config, self.run_dir = config, run_dir
-        self.codes_seen: list[torch.Tensor] = []
+        # rank 0's codes of the log interval, counted on the device: read on the host once per interval
+        self.code_counts = torch.zeros(config.vae.num_tokens, dtype=torch.long, device=worker.device)
         self.images: torch.Tensor | None = None
         self.temperature = config.vae.temperature
 
@@ -88,9 +89,10 @@ class VAETask(DDPTask):
         with self.worker.autocast():
             loss, recon_loss, kl_div, codes = self.ddp(self.images, self.temperature, argmax_codes)
         self.optimizer_step(loss * weight)
-        if self.worker.rank == 0:
-            self.codes_seen.append(codes.cpu())
-        rejected = torch.tensor(float((~batch["ok"]).sum()))
+        if self.worker.rank == 0:  # index_add_, not bincount: bincount reads the codes' max on the host
+            codes = codes.flatten()
+            self.code_counts.index_add_(0, codes, torch.ones_like(codes))
+        rejected = torch.full((), float((~batch["ok"]).sum()), device=self.worker.device)  # a fill, not a copy
         return {"loss": loss, "recon_loss": recon_loss, "kl_div": kl_div, "rejected": rejected}, True
 
     def after_step(self, progress: Progress) -> None:
@@ -106,10 +108,10 @@ class VAETask(DDPTask):
         record = {"loss": sums["loss"] / n, "recon_loss": sums["recon_loss"] / n, "kl_div": sums["kl_div"] / n,
                   "rejected": int(sums["rejected"]), "temperature": self.temperature,
                   "lr": self.scheduler.get_last_lr()[0], "images_per_s": n * self.section.batch_size / seconds}
-        if self.codes_seen:  # rank 0 keeps the interval's codes
-            usage = codebook_usage(torch.cat(self.codes_seen), self.config.vae.num_tokens)
+        if self.worker.rank == 0:  # rank 0 counts the interval's codes
+            usage = histogram_usage(self.code_counts)
             record.update(codebook_perplexity=usage["perplexity"], dead_codes=usage["dead_codes"])
-            self.codes_seen.clear()
+            self.code_counts.zero_()
         return record
 
     def save(self, folder: str, rank: int, progress: Progress, final: bool) -> dict[str, Any]:
