@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import sys
+import time
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
@@ -72,6 +73,23 @@ def peer_generation_seconds(peer: torch.nn.Module, text: torch.Tensor, cond_scal
     with autocast(dtype, text.device):
         peer.generate_images(text, use_cache=True, cond_scale=cond_scale)
     return clock(text.device) - start
+
+
+def device_seconds(work: Callable[[], object], device: torch.device | str) -> float:
+    """Seconds ``work`` keeps ``device`` busy. On a GPU: two CUDA events around the work it queues and one
+    synchronisation at the end, so the launches overlap the products as in a training step (a sync after each
+    product adds its launch latency to every one, and a peak read that way is low, the MFU against it high).
+    On a CPU the work has finished when ``work`` returns, and the wall clock is right."""
+    if torch.device(device).type == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        work()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    began = time.perf_counter()
+    work()
+    return time.perf_counter() - began
 
 
 def matmul_peak(dtype: torch.dtype, model: DALLE, tokens: int) -> float:

@@ -229,10 +229,15 @@ class SamplingConfig(Section):
     seed: int = 0
     precision: str = bound("auto", choices=PRECISIONS)  # of the DALLE weights and KV cache; fp16 on CUDA only
     compile: bool = False  # torch.compile the one-token step: faster steps after a compile on the first pass
+    # Replay the one-token step from CUDA graphs (DALLE.static_sampling_step): a GPU's cached step is bound by
+    # kernel launches. CUDA only; not together with compile.
+    cuda_graphs: bool = False
 
     def check(self, name: str) -> None:
         check(1 <= self.top_images <= self.num_candidates, f"{name}.top_images",
               f"must be in [1, num_candidates={self.num_candidates}], got {self.top_images}")
+        check(not (self.compile and self.cuda_graphs), f"{name}.cuda_graphs",
+              "cannot be combined with compile (pick one sampling step)")
 
 
 def _convert(value: Any, hint: Any, name: str) -> Any:

@@ -207,9 +207,12 @@ class Block(nn.Module):
             hist.copy_(buf[:, -window:])
         return out
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int, tables: dict[str, Any]) -> Tensor:
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int | Tensor, tables: dict[str, Any]) -> Tensor:
         """Attention of queries at positions ``start ..`` over keys ``0 .. start + n - 1`` under this layer's
-        pattern, by the cheapest path that computes the same thing."""
+        pattern, by the cheapest path that computes the same thing. A tensor ``start`` (a static step, see
+        :meth:`DALLE.static_step`) reads every key ``k`` holds under that position's row of ``step_masks``."""
+        if isinstance(start, Tensor):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=tables["step_masks"][self.attn_type])
         n = q.shape[2]
         dropout = self.attn_dropout if self.training else 0.0
         kind = self.attn_type
@@ -224,19 +227,30 @@ class Block(nn.Module):
         mask = tables[kind][start:start + n, :start + n]
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout)
 
-    def forward(self, x: Tensor, start: int, tables: dict[str, Any], cache: LayerCache | None) -> Tensor:
-        """``x [B, n, dim]`` holds positions ``start .. start + n - 1`` (a Python int, so the block compiles
-        into one graph: positions index the tables by slicing)."""
+    def forward(self, x: Tensor, start: int | Tensor, tables: dict[str, Any], cache: LayerCache | None) -> Tensor:
+        """``x [B, n, dim]`` holds positions ``start .. start + n - 1``: a Python int, so the block compiles
+        into one graph (positions index the tables by slicing), or, for one token with a cache, a one-element
+        device tensor (:meth:`DALLE.static_step`): every shape is then the same at every position, so one
+        captured CUDA graph serves them all."""
         b, n, _ = x.shape
-        at = slice(start, start + n)
+        static = isinstance(start, Tensor)
+        if static and (n != 1 or cache is None):
+            raise ValueError("a tensor position takes one token and a cache")
+        at = start if static else slice(start, start + n)
+        offsets = tables["shift"].index_select(1, at) if static else tables["shift"][:, at]
         h = self.norm1(x)
         if self.shift:
-            h = self._shift(h, None if cache is None else cache.attn_hist, tables["shift"][:, at], tables["window"])
+            h = self._shift(h, None if cache is None else cache.attn_hist, offsets, tables["window"])
         q, k, v = self.to_qkv(h).view(b, n, 3, self.heads, self.dim_head).permute(2, 0, 3, 1, 4)
         if "cos" in tables:
-            cos, sin = tables["cos"][at].to(q.dtype), tables["sin"][at].to(q.dtype)  # bf16/fp16 engines
+            cos, sin = ((t.index_select(0, at) if static else t[at]).to(q.dtype)  # bf16/fp16 engines
+                        for t in (tables["cos"], tables["sin"]))
             q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
+        if static:  # in place at the position; attention then reads the keys the step's masks let it
+            cache.k.index_copy_(2, at, k)
+            cache.v.index_copy_(2, at, v)
+            k, v = cache.k[:, :, :tables["keys"]], cache.v[:, :, :tables["keys"]]
+        elif cache is not None:
             cache.k[:, :, at] = k
             cache.v[:, :, at] = v
             k, v = cache.k[:, :, :start + n], cache.v[:, :, :start + n]
@@ -244,7 +258,7 @@ class Block(nn.Module):
 
         h = self.norm2(x)
         if self.shift:
-            h = self._shift(h, None if cache is None else cache.ff_hist, tables["shift"][:, at], tables["window"])
+            h = self._shift(h, None if cache is None else cache.ff_hist, offsets, tables["window"])
         a, gate = self.ff_in(h).chunk(2, dim=-1)
         return x + self.ff_out(self.ff_dropout(a * F.gelu(gate)))
 
@@ -450,6 +464,41 @@ class DALLE(nn.Module):
         fp32 logits for the token after the last one."""
         return self._head(self._hidden(ids, start, caches)[:, -1], image)
 
+    def static_step(self, ids: Tensor, pos: Tensor, caches: list[LayerCache], image: bool,
+                    keys: int | None = None) -> Tensor:
+        """:meth:`cached_step` for one token ``ids [B, 1]`` at the position held in ``pos`` (a one-element long
+        tensor on the model's device), reading the first ``keys`` cache slots (default: all; more than the
+        position) under a mask. No shape and no Python value depends on the position, so one CUDA graph captured
+        at any position replays at every other (:class:`StaticSamplingStep`). ``image``: the token is an image
+        code and the logits are the codebook's (else a text id and the text vocabulary's)."""
+        cfg = self.config
+        keys = self.seq_len + 1 if keys is None else keys
+        if image:
+            x = self.image_emb(ids)
+            if not cfg.rotary_emb:
+                k = pos - self.text_len
+                x = x + self.image_row_emb(k // cfg.image_fmap_size) + self.image_col_emb(k % cfg.image_fmap_size)
+        else:
+            x = self.text_emb(ids)
+            if not cfg.rotary_emb:
+                x = x + self.text_pos_emb(pos)
+        tables = self._tables()
+        tables["keys"] = keys
+        slots = torch.arange(keys, device=pos.device)
+        masks = {"full": (slots <= pos)[None, :]}  # [1, keys]: the past, and this position's own key
+        for kind in self.sparse_kinds:  # the pattern's row, one slot longer: the cache's spare slot
+            masks[kind] = F.pad(tables[kind].index_select(0, pos), (0, 1))[:, :keys]
+        tables["step_masks"] = masks
+        for block, cache in zip(self.blocks, caches, strict=True):
+            x = block(x, pos, tables, cache)
+        return self._head(self.norm(x)[:, -1], image)
+
+    def static_sampling_step(self, cuda_graphs: bool = True, key_bucket: int = 256) -> StaticSamplingStep:
+        """A sampling ``step`` (see :meth:`generate_image_codes`) that runs :meth:`static_step` and, with
+        ``cuda_graphs``, replays it as one captured CUDA graph per batch size and key bucket (``sampling.
+        cuda_graphs``): a cached step is a few hundred small kernels, whose launches bound it on a GPU."""
+        return StaticSamplingStep(self, cuda_graphs=cuda_graphs, key_bucket=key_bucket)
+
     def compiled_sampling_step(self) -> Callable[[Tensor, int, list[LayerCache], bool], Tensor]:
         """:meth:`cached_step` compiled for one-token steps at any position and batch (``dynamic=True``: one
         graph, not one per position) with the weights frozen into it, so inductor fuses the small ops and
@@ -481,7 +530,9 @@ class DALLE(nn.Module):
         was_training = self.training
         self.eval()
         guided = cond_scale != 1.0
-        caches = self.new_cache(prefix.shape[0]) if use_cache else None
+        # A static step owns its caches: its CUDA graphs read and write those tensors' memory.
+        new_cache = getattr(step, "new_cache", self.new_cache)
+        caches = new_cache(prefix.shape[0]) if use_cache else None
         sampled_rows = prefix.shape[0] // 2 if guided else prefix.shape[0]
         uniforms = draw_uniforms(generator, sampled_rows, steps, prefix.device)
         ids, done = prefix, 0
@@ -548,6 +599,93 @@ class DALLE(nn.Module):
 
 
 Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass
+class _Captured:
+    """One captured step: its graph and the tensors it reads (``ids``, ``pos``) and writes (``logits``)."""
+
+    graph: torch.cuda.CUDAGraph
+    ids: Tensor
+    pos: Tensor
+    logits: Tensor
+
+
+class StaticSamplingStep:
+    """The one-token sampling step at static shapes (:meth:`DALLE.static_step`), replayed from CUDA graphs.
+
+    Eager cached sampling on a GPU is bound by kernel launches (about 75 small kernels a block a token), so the
+    step is captured once and replayed: one graph per (batch rows, image or text, key bucket), the position
+    passed in a device tensor so one graph serves every position of its bucket. The key bucket (``key_bucket``
+    slots, rounded up) keeps early tokens from reading the whole preallocated cache. The caches come from
+    :meth:`new_cache` (the graphs hold their addresses); the logits returned are the graph's output buffer,
+    overwritten by the next call. Weights are read where they are at each replay: an in-place update reaches the
+    graphs, moving the model (``.to``) does not. Without ``cuda_graphs`` (or on a CPU) the same static step runs
+    eagerly: what the tests compare against the eager cached step."""
+
+    def __init__(self, model: DALLE, cuda_graphs: bool = True, key_bucket: int = 256, warmup: int = 2) -> None:
+        if key_bucket < 1:
+            raise ValueError(f"key_bucket must be >= 1, got {key_bucket}")
+        self.model, self.cuda_graphs, self.key_bucket, self.warmup = model, cuda_graphs, key_bucket, warmup
+        self._caches: dict[int, list[LayerCache]] = {}
+        self._graphs: dict[tuple[int, bool, int], _Captured] = {}
+
+    @property
+    def num_graphs(self) -> int:
+        return len(self._graphs)
+
+    def new_cache(self, batch: int) -> list[LayerCache]:
+        """This batch size's caches, allocated once and zeroed for each pass (as a fresh eager cache is)."""
+        caches = self._caches.get(batch)
+        if caches is None:
+            caches = self._caches[batch] = self.model.new_cache(batch)
+        else:
+            for cache in caches:
+                for t in (cache.k, cache.v, cache.attn_hist, cache.ff_hist):
+                    t.zero_()
+        return caches
+
+    def keys_for(self, start: int) -> int:
+        """Cache slots a step at position ``start`` reads: its own and every earlier one, in whole buckets."""
+        total = self.model.seq_len + 1
+        return min(total, -(-(start + 1) // self.key_bucket) * self.key_bucket)
+
+    def __call__(self, ids: Tensor, start: int, caches: list[LayerCache], image: bool) -> Tensor:
+        if ids.shape[1] != 1:
+            raise ValueError(f"a static step takes one token a row, got {ids.shape[1]}")
+        batch = ids.shape[0]
+        if caches is not self._caches.get(batch):
+            raise ValueError("a static step runs on the caches its new_cache returned")
+        keys = self.keys_for(start)
+        if not (self.cuda_graphs and ids.device.type == "cuda"):
+            return self.model.static_step(ids, torch.tensor([start], device=ids.device), caches, image, keys)
+        captured = self._graphs.get((batch, image, keys))
+        if captured is None:
+            captured = self._graphs[(batch, image, keys)] = self._capture(ids, start, caches, image, keys)
+        captured.ids.copy_(ids)
+        captured.pos.fill_(start)
+        captured.graph.replay()
+        return captured.logits
+
+    def _capture(self, ids: Tensor, start: int, caches: list[LayerCache], image: bool, keys: int) -> _Captured:
+        """Warms the step up on a side stream (as CUDA graph capture needs) with this call's own inputs, puts
+        back the token-shift history the warm-up moved on (the keys and values it wrote at ``start`` are the
+        ones the replay writes), and captures it."""
+        static_ids, pos = ids.clone(), torch.tensor([start], device=ids.device)
+        hist = [(c.attn_hist.clone(), c.ff_hist.clone()) for c in caches]
+        side = torch.cuda.Stream(ids.device)
+        side.wait_stream(torch.cuda.current_stream(ids.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.model.static_step(static_ids, pos, caches, image, keys)
+        torch.cuda.current_stream(ids.device).wait_stream(side)
+        for cache, (attn, ff) in zip(caches, hist, strict=True):
+            cache.attn_hist.copy_(attn)
+            cache.ff_hist.copy_(ff)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            logits = self.model.static_step(static_ids, pos, caches, image, keys)
+        return _Captured(graph, static_ids, pos, logits)
 
 
 def draw_uniforms(generator: Generators, rows: int, steps: int, device: torch.device) -> Tensor:

@@ -90,10 +90,13 @@ class ImageGenerator:
     the device computes it natively, else fp32. Logits are sampled in fp32 whatever it is, and the dVAE decoder
     stays fp32 (a few percent of the time; its colours are what the checker reads). ``compile_step``
     (``sampling.compile``) samples through :meth:`DALLE.compiled_sampling_step`: it compiles on the first pass of
-    each batch shape class (one row, or more) and then runs each step faster."""
+    each batch shape class (one row, or more) and then runs each step faster. ``cuda_graphs``
+    (``sampling.cuda_graphs``, CUDA only) replays the step from CUDA graphs
+    (:meth:`DALLE.static_sampling_step`): captured on the first pass of each batch size, then one launch a step
+    where eager launches a few hundred kernels."""
 
     def __init__(self, dalle: torch.nn.Module, vae: torch.nn.Module, device: str | torch.device = "cpu",
-                 precision: str = "auto", compile_step: bool = False) -> None:
+                 precision: str = "auto", compile_step: bool = False, cuda_graphs: bool = False) -> None:
         d, v = dalle.config, vae.config
         checks = [("dalle.num_image_tokens", d.num_image_tokens, "vae.num_tokens", v.num_tokens),
                   ("dalle.image_seq_len", d.image_seq_len, "vae.image_seq_len", v.image_seq_len)]
@@ -105,8 +108,12 @@ class ImageGenerator:
         if self.precision == "fp16" and self.device.type != "cuda":
             raise ValueError(f"sampling.precision: fp16 needs a CUDA device, got {self.device.type} "
                              "(use auto, bf16 or fp32)")
+        if cuda_graphs and (compile_step or self.device.type != "cuda"):
+            raise ValueError("sampling.cuda_graphs needs a CUDA device and sampling.compile off, got "
+                             f"{self.device.type} with compile={compile_step}")
         self.dalle = dalle.to(self.device, DTYPES[self.precision]).eval()
-        self.step = self.dalle.compiled_sampling_step() if compile_step else None
+        self.step = self.dalle.compiled_sampling_step() if compile_step else \
+            self.dalle.static_sampling_step() if cuda_graphs else None
         self.vae = vae.to(self.device).eval()
         self.text_seq_len = d.text_seq_len
 
@@ -155,12 +162,12 @@ def rank_order(scores: Tensor) -> Tensor:
 
 
 def load_generator(checkpoint: str, vae_path: str, device: str | torch.device = "cpu",
-                   precision: str = "auto", compile_step: bool = False) -> ImageGenerator:
+                   precision: str = "auto", compile_step: bool = False, cuda_graphs: bool = False) -> ImageGenerator:
     """Loads the self-describing DALLE and dVAE checkpoints (local or fsspec URLs) into an ImageGenerator."""
     from dalle_core.checkpoint import load_model
 
     return ImageGenerator(load_model(checkpoint, map_location=device), load_model(vae_path, map_location=device),
-                          device, precision, compile_step)
+                          device, precision, compile_step, cuda_graphs)
 
 
 @dataclass

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         "sampling.top_images": 1 if args.num_candidates is not None else None})
     models = model_paths(config, args.checkpoint, args.vae, args.tokenizer, args.clip)
     generator = load_generator(models.checkpoint, models.vae, args.device, config.sampling.precision,
-                               config.sampling.compile)
+                               config.sampling.compile, config.sampling.cuda_graphs)
     print(f"precision={generator.precision} ({generator.precision_reason})", file=sys.stderr)
     # The checkpoint says how many text ids the model reads, whatever the config beside it says.
     tokenizer = BPETokenizer.load(models.tokenizer, generator.text_seq_len)

@@ -383,3 +383,73 @@ def test_sample_logits_draws_the_filtered_softmax_distribution():
 def test_bad_config_values_name_the_field(overrides, field):
     with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
         tiny_config(**overrides).validate("dalle")
+
+
+@pytest.mark.parametrize("attn_types", PATTERNS, ids=lambda p: "+".join(p))
+def test_static_step_at_a_tensor_position_gives_the_cached_steps_logits(attn_types):
+    """``sampling.cuda_graphs``: the position-independent step (position in a device tensor, keys read from the
+    whole preallocated cache, or a bucket of it, under a mask) computes what the eager cached step does, at
+    every position, with rotary and learned position embeddings; so one graph captured at any position serves
+    every other."""
+    torch.manual_seed(4)
+    for rotary in (True, False):
+        model = DALLE(tiny_config(attn_types=attn_types, rotary_emb=rotary)).eval()
+        text, codes = batch(model.config)
+        stream = torch.cat([model.text_tokens(text), codes], dim=1)[:, : model.seq_len]
+        with torch.no_grad():
+            eager, static = model.new_cache(3), model.new_cache(3)
+            for caches in (eager, static):
+                model.cached_step(stream[:, :model.text_len], 0, caches, True)
+            for p in range(model.text_len, model.seq_len):
+                want = model.cached_step(stream[:, p:p + 1], p, eager, True)
+                for keys in (None, p + 1):  # the whole cache, and exactly the slots up to this position
+                    snapshot = [(c.attn_hist.clone(), c.ff_hist.clone()) for c in static]
+                    got = model.static_step(stream[:, p:p + 1], torch.tensor([p]), static, True, keys)
+                    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+                    if keys is None:  # run the step twice: put back the token-shift history the first moved on
+                        for c, (a, f) in zip(static, snapshot, strict=True):
+                            c.attn_hist.copy_(a)
+                            c.ff_hist.copy_(f)
+            torch.testing.assert_close(static[0].k, eager[0].k)
+
+
+@pytest.mark.parametrize("attn_types", [["full"], ["axial_row", "axial_col", "conv_like", "full"]],
+                         ids=lambda p: "+".join(p))
+@pytest.mark.parametrize("cond_scale", [1.0, 3.0])
+def test_static_sampling_step_samples_the_eager_tokens_and_reuses_its_caches(attn_types, cond_scale):
+    """The static step as a sampler's ``step`` (what the CUDA graphs replay, here run eagerly on the CPU):
+    the same codes as eager sampling for the same seeds, across key buckets, and again on a second pass over
+    the caches it keeps (zeroed, as a fresh cache is); caches from elsewhere are refused (a graph holds its
+    own cache's addresses)."""
+    torch.manual_seed(0)
+    model = sharpened(DALLE(tiny_config(attn_types=attn_types))).eval()
+    text, _ = batch(model.config, b=4)
+    step = model.static_sampling_step(key_bucket=5)
+    want = model.generate_image_codes(text, cond_scale=cond_scale, top_k=0.5,
+                                      generator=torch.Generator().manual_seed(3))
+    for _ in range(2):
+        got = model.generate_image_codes(text, cond_scale=cond_scale, top_k=0.5, step=step,
+                                         generator=torch.Generator().manual_seed(3))
+        assert torch.equal(got, want)
+    assert len(set(want.flatten().tolist())) > 3
+    assert step.keys_for(model.seq_len - 1) == model.seq_len + 1 and step.keys_for(0) == 5
+    with pytest.raises(ValueError, match="caches"):
+        step(text[:, :1], model.text_len, model.new_cache(4), True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_cuda_graph_sampling_replays_the_static_steps_tokens():
+    """On a GPU: the captured graphs sample exactly what the same static step samples eagerly (the same
+    kernels), and close to eager cached sampling (fp32); one graph per batch and key bucket."""
+    torch.manual_seed(0)
+    model = sharpened(DALLE(tiny_config(attn_types=["full", "axial_row"]))).cuda().eval()
+    text = batch(model.config, b=4)[0].cuda()
+    runs = {}
+    for name, step in (("eager", None), ("static", model.static_sampling_step(cuda_graphs=False, key_bucket=5)),
+                       ("graphs", model.static_sampling_step(cuda_graphs=True, key_bucket=5))):
+        runs[name] = model.generate_image_codes(text, cond_scale=3.0, top_k=0.5, step=step,
+                                                generator=torch.Generator("cuda").manual_seed(3))
+        if name == "graphs":
+            assert step.num_graphs == len({step.keys_for(p) for p in range(model.text_len, model.seq_len)})
+    assert torch.equal(runs["graphs"], runs["static"])
+    assert (runs["graphs"] == runs["eager"]).float().mean() > 0.9

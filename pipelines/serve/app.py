@@ -112,7 +112,7 @@ class Generator:
                  batch_wait_timeout_s: float, num_gpus: float = 0.0) -> None:
         self.sampling = sampling
         self.model = load_generator(paths.checkpoint, paths.vae, _device(num_gpus), sampling.precision,
-                                    sampling.compile)
+                                    sampling.compile, sampling.cuda_graphs)
         print(f"[generator] precision={self.model.precision} ({self.model.precision_reason})", flush=True)
         self.tokenizer = BPETokenizer.load(paths.tokenizer, text_seq_len)
         self.model.check_tokenizer(self.tokenizer)
