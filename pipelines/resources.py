@@ -210,6 +210,7 @@ def _plan_trainer(name: str, section: TrainerConfig, parallelism: str, global_ba
     return {
         "ray": f"ray.train.torch.TorchTrainer ({parallelism})",
         "num_workers": section.num_workers,
+        "min_workers": section.min_workers,  # > 0: elastic, the run goes on with as few as this many
         "resources_per_worker": per_worker,
         "placement_strategy": section.placement_strategy,
         "total": _totals(section.num_workers, per_worker),

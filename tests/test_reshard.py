@@ -37,11 +37,18 @@ def batch(config: Config, seed: int) -> dict[str, np.ndarray]:
 
 
 def full_state(task, moments: bool = True) -> dict[str, torch.Tensor]:
-    """Every parameter's fp32 master weights and, for ZeRO 1-2 after a step, each parameter group's Adam moments
-    as one flat vector (the ranks' partitions concatenated, the padding cut off); collective."""
-    from deepspeed.utils import safe_get_full_fp32_param
+    """Every parameter's fp32 master weights and, after a step, its Adam moments, gathered (collective). ZeRO 1-2:
+    the moments of each parameter group as one flat vector (the ranks' partitions concatenated, the padding cut
+    off: DeepSpeed's per-parameter view of them is not linked for every group there)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
 
-    state = {name: safe_get_full_fp32_param(param).clone() for name, param in task.engine.module.named_parameters()}
+    named = list(task.engine.module.named_parameters())
+    state = {name: safe_get_full_fp32_param(param).clone() for name, param in named}
+    if moments and task.train.zero_stage == 3:
+        for name, param in named:
+            for key in ("exp_avg", "exp_avg_sq"):
+                state[f"{name}.{key}"] = safe_get_full_optimizer_state(param, key).clone()
+        return state
     optimizer = task.engine.optimizer
     for i, flat in enumerate(optimizer.single_partition_of_fp32_groups if moments else ()):
         numel = sum(p.numel() for p in optimizer.bit16_groups[i])
@@ -52,7 +59,8 @@ def full_state(task, moments: bool = True) -> dict[str, torch.Tensor]:
     return state
 
 
-def _world(rank: int, world: int, port: int, config: Config, folder: str, resume_world: int, out: str) -> None:
+def _world(rank: int, world: int, port: int, config: Config, folder: str, resume_world: int, out: str,
+           saved_step: int = SAVED_STEP) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(world))  # as Ray Train sets them
     os.environ["DS_ACCELERATOR"] = "cuda"  # leaked from a shell: the CPU worker must not take it
@@ -71,11 +79,11 @@ def _world(rank: int, world: int, port: int, config: Config, folder: str, resume
         worker = WorkerContext(rank, world, torch.device("cpu"), "fp32", resume_world=world)  # same world again
         task = DalleTask(config, worker, trained_on={}, init=None)
     reader = CheckpointReader(folder)
-    task.load(reader, rank, Progress(step=SAVED_STEP, world=resume_world or world))
+    task.load(reader, rank, Progress(step=saved_step, world=resume_world or world))
     result.update(loaded=full_state(task), steps=task.engine.global_steps, read=reader.bytes_read,
                   expected_read=sum(os.path.getsize(f"{folder}/{n}") for n in reader.names
                                     if n.startswith("deepspeed/state/") and keeps_rank_file(rank)(n)))
-    loss, _ = task.train_step(batch(config, 99 + rank), Progress(step=SAVED_STEP))
+    loss, _ = task.train_step(batch(config, 99 + rank), Progress(step=saved_step))
     result["loss_after"] = float(loss["loss"])
     if resume_world == 0:  # ZeRO-3 on the same group: built partitioned, init loaded one parameter at a time
         from dalle_core.dalle import DALLE
@@ -89,13 +97,17 @@ def _world(rank: int, world: int, port: int, config: Config, folder: str, resume
         result["zero3_total"], result["num_params"] = sum(p.ds_numel for p in params), zero3.num_params
         gathered = full_state(zero3, moments=False)
         result["zero3_init_equal"] = all(torch.equal(gathered[k], init[k]) for k in gathered)
+        zero3.train_step(batch(config, 50 + rank), Progress(step=0))  # saved for the ZeRO-3 resize below
+        zero3.save(f"{folder}/zero3", rank, Progress(step=1), final=False)
+        result["zero3_saved"] = full_state(zero3)
     if rank == 0:
         torch.save(result, out)
     torch.distributed.destroy_process_group()
 
 
-def run_world(world: int, config: Config, folder: Path, resume_world: int, out: Path) -> dict:
-    mp.spawn(_world, args=(world, free_port(), config, str(folder), resume_world, str(out)), nprocs=world)
+def run_world(world: int, config: Config, folder: Path, resume_world: int, out: Path, saved_step: int = SAVED_STEP
+              ) -> dict:
+    mp.spawn(_world, args=(world, free_port(), config, str(folder), resume_world, str(out), saved_step), nprocs=world)
     return torch.load(out, weights_only=False)
 
 
@@ -134,3 +146,13 @@ def test_resume_on_another_number_of_workers_keeps_step_and_optimizer_state(save
     assert result["steps"] == SAVED_STEP and np.isfinite(result["loss_after"])
     _assert_same_state(result["loaded"], reference["saved"])
     assert (folder / "deepspeed" / "state_universal").is_dir()
+
+
+def test_zero3_resumes_on_fewer_workers_with_its_optimizer_state(saved, tmp_path):
+    """large.yaml's case: ZeRO-3 (each rank holds a slice of every parameter) written by 2 workers, resumed on 1
+    through DeepSpeed's stage-3 universal conversion."""
+    _, folder, reference = saved
+    config = Config.load(None, {**OVERRIDES, "train.zero_stage": 3})
+    result = run_world(1, config, folder / "zero3", 2, tmp_path / "zero3.pt", saved_step=1)
+    assert result["steps"] == 1 and np.isfinite(result["loss_after"])
+    _assert_same_state(result["loaded"], reference["zero3_saved"])
