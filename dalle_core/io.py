@@ -10,10 +10,12 @@ filesystem pickled to a Ray worker carries them even where that worker's environ
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import tempfile
-from typing import Any
+from collections.abc import Iterator
+from typing import Any, BinaryIO
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -44,21 +46,28 @@ def _umask() -> int:
     return mask
 
 
-def write_local_atomically(path: str, data: bytes) -> None:
-    """Creates parent folders and writes through a temporary file renamed into place, so a crash never leaves
-    a truncated file under the final name."""
+@contextlib.contextmanager
+def local_file_atomically(path: str) -> Iterator[BinaryIO]:
+    """A file to write ``path`` through: created beside it (parent folders made) and renamed into place when the
+    block ends, so a crash never leaves a truncated file under the final name."""
     parent = os.path.dirname(os.path.abspath(path))
     os.makedirs(parent, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
-            f.write(data)
+            yield f
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600; a plain open() would respect the umask
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+def write_local_atomically(path: str, data: bytes) -> None:
+    """Writes a whole local file atomically (:func:`local_file_atomically`)."""
+    with local_file_atomically(path) as f:
+        f.write(data)
 
 
 def write_bytes(path: str, data: bytes) -> None:
@@ -82,27 +91,12 @@ def copy_file(source: str, destination: str, chunk_bytes: int = 16 << 20) -> int
         dst_fs.copy(src, dst)
         return 0
     copied = 0
-    with src_fs.open(src, "rb") as reader:
-        if isinstance(dst_fs, LocalFileSystem):
-            parent = os.path.dirname(os.path.abspath(dst))
-            os.makedirs(parent, exist_ok=True)
-            fd, tmp = tempfile.mkstemp(dir=parent, prefix=TMP_PREFIX)
-            try:
-                with os.fdopen(fd, "wb") as writer:
-                    while block := reader.read(chunk_bytes):
-                        writer.write(block)
-                        copied += len(block)
-                os.chmod(tmp, 0o666 & ~_umask())
-                os.replace(tmp, dst)
-            except BaseException:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-                raise
-        else:
-            with dst_fs.open(dst, "wb") as writer:  # a multipart upload, published when it closes
-                while block := reader.read(chunk_bytes):
-                    writer.write(block)
-                    copied += len(block)
+    # local: renamed into place at the end; an object store: a multipart upload, published when it closes
+    writing = local_file_atomically(dst) if isinstance(dst_fs, LocalFileSystem) else dst_fs.open(dst, "wb")
+    with src_fs.open(src, "rb") as reader, writing as writer:
+        while block := reader.read(chunk_bytes):
+            writer.write(block)
+            copied += len(block)
     return copied
 
 
